@@ -1,0 +1,6 @@
+"""The DeepSeek-V3 model in Flax Linen."""
+
+from dsjax.model.mla import CacheView, LayerCache
+from dsjax.model.transformer import ModelCache, ModelOutput, ReplayIds, Transformer
+
+__all__ = ["Transformer", "ModelOutput", "ModelCache", "ReplayIds", "LayerCache", "CacheView"]

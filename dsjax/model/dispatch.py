@@ -1,0 +1,89 @@
+"""Routed-expert computation behind one interface: `routed_experts(x, ids, weights, w..., config)`.
+
+    y_n = sum_k weight_{n,k} * FFN_{e(n,k)}(x_n),   FFN_e(x) = (silu(x W_gate,e) * x W_up,e) W_down,e
+
+Backends (config.moe.dispatch):
+- "dense": every expert on every token, masked — O(N·E) compute; the plain reference for tests.
+- "dropless": sort the N·k (token, expert) pairs by expert, grouped GEMMs over the contiguous
+  groups (jax.lax.ragged_dot), weighted combine, unsort. No token is ever dropped.
+- "capacity": fixed [E, capacity] buffers (capacity = ceil(capacity_factor · N·k / E)); pairs past
+  an expert's capacity are dropped (in token order) and counted; static shapes throughout.
+
+Expert parallelism over the mesh's 'expert' axis wraps these local computations (a later module).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+
+
+def _ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
+    gate_MF = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E, preferred_element_type=jnp.float32)
+    up_MF = jax.lax.ragged_dot(x_MD, w_up_EDF, group_sizes_E, preferred_element_type=jnp.float32)
+    h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
+    return jax.lax.ragged_dot(h_MF, w_down_EFD, group_sizes_E, preferred_element_type=jnp.float32)
+
+
+def dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    e = w_gate_EDF.shape[0]
+    gate_NEF = jnp.einsum("ND,EDF->NEF", x_ND, w_gate_EDF, preferred_element_type=jnp.float32)
+    up_NEF = jnp.einsum("ND,EDF->NEF", x_ND, w_up_EDF, preferred_element_type=jnp.float32)
+    h_NEF = (jax.nn.silu(gate_NEF) * up_NEF).astype(x_ND.dtype)
+    y_NED = jnp.einsum("NEF,EFD->NED", h_NEF, w_down_EFD, preferred_element_type=jnp.float32)
+    combine_NE = (jax.nn.one_hot(ids_NK, e, dtype=jnp.float32) * weights_NK[..., None]).sum(1)
+    return jnp.einsum("NED,NE->ND", y_NED, combine_NE), jnp.zeros((), jnp.int32)
+
+
+def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    n, k = ids_NK.shape
+    e = w_gate_EDF.shape[0]
+    flat_ids_M = ids_NK.reshape(-1)
+    order_M = jnp.argsort(flat_ids_M, stable=True)
+    x_MD = jnp.take(x_ND, order_M // k, axis=0)
+    group_sizes_E = jnp.bincount(flat_ids_M, length=e).astype(jnp.int32)
+    y_MD = _ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_MD = jnp.zeros_like(y_MD).at[order_M].set(y_MD)  # unsort back to (token, slot) order
+    y_ND = (y_MD.reshape(n, k, -1) * weights_NK[..., None]).sum(1)
+    return y_ND, jnp.zeros((), jnp.int32)
+
+
+def capacity_slots(ids_NK, num_experts: int, capacity: int):
+    """Each (token, slot) pair's position in its expert's buffer and whether it fits."""
+    one_hot_MK = jax.nn.one_hot(ids_NK.reshape(-1), num_experts, dtype=jnp.int32)
+    position_M = (jnp.cumsum(one_hot_MK, axis=0) * one_hot_MK).sum(-1) - 1
+    return position_M, position_M < capacity
+
+
+def capacity(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, capacity_factor: float):
+    n, k = ids_NK.shape
+    e, d = w_gate_EDF.shape[0], x_ND.shape[1]
+    cap = max(1, math.ceil(capacity_factor * n * k / e))
+    flat_ids_M = ids_NK.reshape(-1)
+    position_M, keep_M = capacity_slots(ids_NK, e, cap)
+    slot_M = jnp.where(keep_M, flat_ids_M * cap + position_M, e * cap)  # overflow -> a discarded row
+    x_MD = jnp.repeat(x_ND, k, axis=0)
+    buf_XD = jnp.zeros((e * cap + 1, d), x_ND.dtype).at[slot_M].set(x_MD)
+    buf_ECD = buf_XD[:-1].reshape(e, cap, d)
+    gate_ECF = jnp.einsum("ECD,EDF->ECF", buf_ECD, w_gate_EDF, preferred_element_type=jnp.float32)
+    up_ECF = jnp.einsum("ECD,EDF->ECF", buf_ECD, w_up_EDF, preferred_element_type=jnp.float32)
+    h_ECF = (jax.nn.silu(gate_ECF) * up_ECF).astype(x_ND.dtype)
+    out_ECD = jnp.einsum("ECF,EFD->ECD", h_ECF, w_down_EFD, preferred_element_type=jnp.float32)
+    out_XD = jnp.concatenate([out_ECD.reshape(e * cap, d), jnp.zeros((1, d), out_ECD.dtype)])
+    y_MD = jnp.take(out_XD, slot_M, axis=0)
+    y_ND = (y_MD.reshape(n, k, d) * weights_NK[..., None]).sum(1)
+    return y_ND, (~keep_M).sum().astype(jnp.int32)
+
+
+def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config: ModelConfig):
+    """(y [N, D] float32, number of dropped (token, expert) pairs)."""
+    kind = config.moe.dispatch
+    if kind == "dense":
+        return dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    if kind == "capacity":
+        return capacity(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config.moe.capacity_factor)
+    return dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -1,0 +1,126 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1; DeepSeek-V3 §2.1.1).
+
+    c_Q  = RMSNorm(x W_DQ)                 [B,T,Q]     (or q = x W_Q directly when q_lora_rank is None)
+    q    = c_Q W_UQ -> q_nope [B,T,H,K], q_rope [B,T,H,R] (RoPE on q_rope)
+    c_KV = RMSNorm(x W_DKV)                [B,S,C]     the latent: all that is cached
+    k_R  = RoPE(x W_KR)                    [B,S,R]     one rope key shared by every head
+    k_nope, v = c_KV W_UK, c_KV W_UV       [B,S,H,K], [B,S,H,O]
+
+One module, two ways to run it, selected by how it is called:
+
+- no cache (training, scoring): expand k/v per head and attend ("naive");
+- with a cache (prefill and decode): write c_KV and k_R into the cache, then attend in latent
+  space with W_UK folded into the query and W_UV applied after attention ("absorbed", V2 §2.1.2's
+  note on absorbing W_UK into W_UQ and W_UV into W_O), reading only (C + R) values per cached token.
+
+Masks: causal within a row plus equal segment ids (packed rows never attend across documents);
+with a cache, a slot is visible to a query iff it holds a token (position >= 0) whose position
+is <= the query's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dsjax.config import ModelConfig
+from dsjax.model import rope
+from dsjax.model.layers import Dense, RMSNorm, dtype_of, init_normal, matmul
+
+NEG_INF = -1e30
+
+
+class LayerCache(NamedTuple):
+    """One layer's latent cache (stacked over layers by the scan): c_KV and the rotated rope key."""
+
+    c_kv_BSC: jax.Array
+    k_rope_BSR: jax.Array
+
+
+class CacheView(NamedTuple):
+    """What every layer shares about the cache for one call: where the new tokens are written and
+    the position held by each slot after the write (-1: empty or padding)."""
+
+    write_index: jax.Array  # int32 scalar
+    kv_positions_BS: jax.Array  # int32
+
+
+def attention_mask(positions_BT, segment_ids_BT, kv_positions_BS=None):
+    """[B, T, S] bool: causal by index and same segment (no cache); by position (cache)."""
+    if kv_positions_BS is None:
+        t = positions_BT.shape[1]
+        causal_TS = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+        same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        return causal_TS[None] & same_BTS
+    return (kv_positions_BS[:, None, :] >= 0) & (kv_positions_BS[:, None, :] <= positions_BT[:, :, None])
+
+
+def _softmax(scores_BHTS, mask_BTS, dtype):
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), NEG_INF)
+    return jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
+
+
+class MLA(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: Optional[LayerCache] = None,
+                 view: Optional[CacheView] = None):
+        c = self.config
+        m = c.mla
+        d, h, k, r, o, lat = c.hidden_size, m.num_attention_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, \
+            m.v_head_dim, m.kv_lora_rank
+        dtype = dtype_of(c.dtype)
+
+        if m.q_lora_rank is None:
+            q_BTHX = Dense((d,), (h, k + r), ("embed", "heads", "head_dim"), c, name="q")(x_BTD)
+        else:
+            q_lat_BTQ = Dense((d,), (m.q_lora_rank,), ("embed", "q_lora"), c, name="q_a")(x_BTD)
+            q_lat_BTQ = RMSNorm(m.q_lora_rank, c, name="q_a_norm")(q_lat_BTQ)
+            q_BTHX = Dense((m.q_lora_rank,), (h, k + r), ("q_lora", "heads", "head_dim"), c, name="q_b")(q_lat_BTQ)
+        q_BTHX = nn.with_logical_constraint(q_BTHX, ("batch", "length", "heads", "head_dim"))
+        q_nope_BTHK, q_rope_BTHR = q_BTHX[..., :k], q_BTHX[..., k:]
+
+        kv_BTX = Dense((d,), (lat + r,), ("embed", "kv_lora"), c, name="kv_a")(x_BTD)
+        c_kv_BTC = RMSNorm(lat, c, name="kv_a_norm")(kv_BTX[..., :lat])
+        cos, sin = rope.cos_sin(positions_BT, c)
+        q_rope_BTHR = rope.apply_rope(q_rope_BTHR, cos, sin, c.rope.interleave)
+        k_rope_BTR = rope.apply_rope(kv_BTX[..., lat:], cos, sin, c.rope.interleave)
+
+        w_kvb_CHX = self.param("kv_b", nn.with_logical_partitioning(init_normal(c), ("kv_lora", "heads", "head_dim")),
+                               (lat, h, k + o), dtype_of(c.param_dtype)).astype(dtype)
+        scale = rope.softmax_scale(c)
+
+        if cache is None:  # naive: expand per-head keys and values
+            b, t = x_BTD.shape[:2]
+            kv_BTHX = matmul(c_kv_BTC.reshape(b * t, lat), w_kvb_CHX.reshape(lat, h * (k + o)), c)
+            kv_BTHX = nn.with_logical_constraint(kv_BTHX.reshape(b, t, h, k + o),
+                                                 ("batch", "length", "heads", "head_dim"))
+            k_nope_BSHK, v_BSHO = kv_BTHX[..., :k], kv_BTHX[..., k:]
+            scores_BHTS = (jnp.einsum("BTHK,BSHK->BHTS", q_nope_BTHK, k_nope_BSHK, preferred_element_type=jnp.float32)
+                           + jnp.einsum("BTHR,BSR->BHTS", q_rope_BTHR, k_rope_BTR, preferred_element_type=jnp.float32))
+            probs_BHTS = _softmax(scores_BHTS * scale, attention_mask(positions_BT, segment_ids_BT), dtype)
+            out_BTHO = jnp.einsum("BHTS,BSHO->BTHO", probs_BHTS, v_BSHO)
+            new_cache = None
+        else:  # absorbed: attend over the latent cache
+            new_cache = LayerCache(
+                jax.lax.dynamic_update_slice_in_dim(cache.c_kv_BSC, c_kv_BTC.astype(cache.c_kv_BSC.dtype),
+                                                    view.write_index, axis=1),
+                jax.lax.dynamic_update_slice_in_dim(cache.k_rope_BSR, k_rope_BTR.astype(cache.k_rope_BSR.dtype),
+                                                    view.write_index, axis=1))
+            w_uk_CHK, w_uv_CHO = w_kvb_CHX[..., :k], w_kvb_CHX[..., k:]
+            q_lat_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope_BTHK, w_uk_CHK)
+            c_kv_BSC = new_cache.c_kv_BSC.astype(dtype)
+            scores_BHTS = (jnp.einsum("BTHC,BSC->BHTS", q_lat_BTHC, c_kv_BSC, preferred_element_type=jnp.float32)
+                           + jnp.einsum("BTHR,BSR->BHTS", q_rope_BTHR, new_cache.k_rope_BSR.astype(dtype),
+                                        preferred_element_type=jnp.float32))
+            probs_BHTS = _softmax(scores_BHTS * scale, attention_mask(positions_BT, None, view.kv_positions_BS), dtype)
+            out_lat_BTHC = jnp.einsum("BHTS,BSC->BTHC", probs_BHTS, c_kv_BSC)
+            out_BTHO = jnp.einsum("BTHC,CHO->BTHO", out_lat_BTHC, w_uv_CHO)
+
+        out_BTHO = nn.with_logical_constraint(out_BTHO, ("batch", "length", "heads", "head_dim"))
+        y_BTD = Dense((h, o), (d,), ("heads", "head_dim", "embed"), c, name="o")(out_BTHO)
+        return y_BTD, new_cache

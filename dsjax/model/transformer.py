@@ -1,0 +1,106 @@
+"""The DeepSeek-V3 transformer: embedding, dense + MoE decoder stacks, final norm, untied output
+head, and the MTP modules.
+
+`Transformer(config).apply(variables, tokens)` returns float32 logits [B, T, V]. With
+`full_output=True` it returns a `ModelOutput` with everything a trainer or a decoder needs: MTP
+logits, per-layer MoE statistics, the final hidden state and the updated latent cache. Nothing
+changes behind the caller's back: the router bias lives in the `router` collection and is only
+read here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dsjax.config import ModelConfig
+from dsjax.model.decoder import LayerStack
+from dsjax.model.layers import Dense, Embed, RMSNorm
+from dsjax.model.mla import CacheView, LayerCache
+from dsjax.model.moe import MoEStats
+from dsjax.model.mtp import MTPModule
+
+
+class ModelCache(NamedTuple):
+    """Latent caches, stacked per stack [L, B, S, ...]; `mtp` holds one LayerCache per module."""
+
+    dense: Optional[LayerCache]
+    moe: Optional[LayerCache]
+    mtp: tuple
+
+
+class ReplayIds(NamedTuple):
+    """Chosen experts per MoE layer [L, B, T, k] and per MTP module [B, T, k] (router replay)."""
+
+    moe: Optional[jax.Array]
+    mtp: tuple
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # float32 [B, T, V]
+    mtp_logits: tuple  # per depth k: float32 [B, T, V], predicting t_{i+k+1}
+    moe_stats: Optional[MoEStats]  # main MoE layers, stacked [L_moe, ...]
+    mtp_stats: tuple  # per depth: MoEStats or None
+    hidden: jax.Array  # [B, T, D] after the final norm (the MTP input)
+    cache: Optional[ModelCache]
+
+
+def shift_left(x_BT, k: int, fill=0):
+    """x[:, i + k] at position i; the last k positions get `fill`."""
+    if k == 0:
+        return x_BT
+    return jnp.concatenate([x_BT[:, k:], jnp.full((x_BT.shape[0], k), fill, x_BT.dtype)], axis=1)
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        self.embed = Embed(c)
+        self.dense_stack = LayerStack(c, False, c.num_dense_layers) if c.num_dense_layers else None
+        self.moe_stack = LayerStack(c, True, c.num_moe_layers) if c.num_moe_layers else None
+        self.final_norm = RMSNorm(c.hidden_size, c)
+        self.head = Dense((c.hidden_size,), (c.vocab_size,), ("embed", "vocab"), c, island=True, out_dtype="float32")
+        self.mtp = [MTPModule(c, name=f"mtp_{k}") for k in range(c.mtp.num_nextn_predict_layers)]
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, cache: Optional[ModelCache] = None,
+                 view: Optional[CacheView] = None, return_mtp: bool = False, mtp_depth: Optional[int] = None,
+                 replay: Optional[ReplayIds] = None, full_output: bool = False):
+        b, t = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((b, t), jnp.int32)
+        x_BTD = self.embed(tokens_BT)
+        new_dense = new_moe = moe_stats = None
+        if self.dense_stack is not None:
+            x_BTD, new_dense, _ = self.dense_stack(x_BTD, positions_BT, segment_ids_BT, view,
+                                                   cache.dense if cache else None, None)
+        if self.moe_stack is not None:
+            x_BTD, new_moe, moe_stats = self.moe_stack(x_BTD, positions_BT, segment_ids_BT, view,
+                                                       cache.moe if cache else None, replay.moe if replay else None)
+        hidden_BTD = self.final_norm(x_BTD)
+        logits_BTV = self.head(hidden_BTD)
+
+        mtp_logits, mtp_stats, mtp_caches = [], [], []
+        depth = len(self.mtp) if mtp_depth is None else min(mtp_depth, len(self.mtp))
+        if return_mtp or self.is_initializing():
+            h_BTD = hidden_BTD
+            for k in range(depth if not self.is_initializing() else len(self.mtp)):
+                emb_BTD = self.embed(shift_left(tokens_BT, k + 1))
+                h_BTD, normed_BTD, layer_cache, stats = self.mtp[k](
+                    h_BTD, emb_BTD, positions_BT, segment_ids_BT, view,
+                    cache.mtp[k] if cache else None, replay.mtp[k] if replay else None)
+                mtp_logits.append(self.head(normed_BTD))
+                mtp_stats.append(stats)
+                mtp_caches.append(layer_cache)
+        if not full_output:
+            return logits_BTV
+        new_cache = None
+        if cache is not None:
+            new_cache = ModelCache(new_dense, new_moe, tuple(mtp_caches) + tuple(cache.mtp[len(mtp_caches):]))
+        return ModelOutput(logits_BTV, tuple(mtp_logits), moe_stats, tuple(mtp_stats), hidden_BTD, new_cache)

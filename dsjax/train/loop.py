@@ -1,0 +1,121 @@
+"""The training loop: mesh, sharded state, grain data, orbax checkpoints, metrics, resume.
+
+`train(config, workdir)` runs steps up to `train.stop_at_step` (or `train.steps`, the horizon that
+shapes the schedule and data order). A workdir holding a checkpoint resumes from it — state, data
+iterator and step — onto whatever mesh this run has. Checkpoints are saved every
+`train.checkpoint_every` steps, at the end, and when SIGTERM arrives (the loop finishes the current
+step, saves and returns, as a preemption would). The workdir gets DESIGN.md's files: config.json,
+metrics.jsonl, checkpoints/ and loss.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from dsjax import checkpoint as ckpt_lib
+from dsjax import sharding as shd
+from dsjax.config import Config, to_dict, validate
+from dsjax.data import make_tokenizer, make_train_iterator
+from dsjax.plotting import plot_metrics
+from dsjax.train import flops, state as state_lib
+from dsjax.train.optimizer import make_optimizer
+from dsjax.train.step import BATCH_KEYS, make_train_step
+
+LOG_KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "expert_load_max_over_mean")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+def global_batch(mesh, local: dict) -> dict:
+    """This process's rows -> global arrays sharded over ('data', 'expert')."""
+    sharding = shd.batch_sharding(mesh, 2)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in BATCH_KEYS}
+
+
+def _to_python(metrics: dict) -> dict:
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        v = np.asarray(v)
+        out[k] = v.item() if v.ndim == 0 else [round(float(x), 4) for x in v.reshape(-1)]
+    return out
+
+
+def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
+    """Trains from scratch or resumes from workdir; returns the last logged metrics."""
+    mesh = mesh or shd.make_mesh(config.mesh)
+    config = validate(config, mesh.size)
+    t = config.train
+    lead = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(to_dict(config), f, indent=2)
+
+    tokenizer = make_tokenizer(config.data.tokenizer)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"config field 'model.vocab_size': {config.model.vocab_size} is smaller than the "
+                         f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+    data = make_train_iterator(config.data, tokenizer, batch_size=t.batch_size, seq_len=config.data.seq_len)
+    optimizer = make_optimizer(t)
+    shardings = state_lib.shardings(config, optimizer, mesh)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+                                         every=t.checkpoint_every)
+    start = 0
+    if checkpointer.latest_step() is not None:
+        state, extra = checkpointer.restore(abstract_state=state_lib.abstract(config, optimizer, mesh))
+        data.set_state(extra["data"])
+        start = int(extra["step"])
+    else:
+        state = state_lib.create(config, optimizer, mesh, t.seed)
+    step_fn = make_train_step(config, optimizer, mesh, shardings)
+    horizon = t.stop_at_step or t.steps
+    use_mtp = config.model.mtp.num_nextn_predict_layers > 0 and t.mtp_weight > 0
+    on_cpu = jax.devices()[0].platform == "cpu"
+    tokens_per_step = t.batch_size * config.data.seq_len
+
+    last: dict = {}
+    bar = tqdm(total=horizon, initial=start, desc="train", disable=not (progress and lead), dynamic_ncols=True)
+    window_start, window_steps = time.perf_counter(), 0
+    with ckpt_lib.catch_sigterm(), jax.set_mesh(mesh):
+        for step in range(start + 1, horizon + 1):
+            batch = global_batch(mesh, next(data))
+            state, metrics = step_fn(state, batch)
+            window_steps += 1
+            consecutive = int(metrics["consecutive_skips"])
+            if consecutive > t.max_consecutive_skips:
+                raise TrainingDiverged(
+                    f"step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
+                    f"(train.max_consecutive_skips={t.max_consecutive_skips}); params are those of the last good step")
+            stop = step == horizon or ckpt_lib.preempted()
+            if step % t.log_every == 0 or stop:
+                row = {"step": step, **_to_python(metrics)}
+                seconds = (time.perf_counter() - window_start) / window_steps
+                row["tokens_per_s"] = tokens_per_step / seconds
+                if not on_cpu:
+                    row["mfu"] = flops.mfu(config.model, t.batch_size, config.data.seq_len, use_mtp, seconds,
+                                           t.peak_tflops, mesh.size)
+                window_start, window_steps = time.perf_counter(), 0
+                if lead:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                last = row
+            bar.update(1)
+            checkpointer.save(step, state, {"step": step, "data": data.get_state()}, force=stop)
+            if stop:
+                break
+    bar.close()
+    checkpointer.close()
+    if lead:
+        plot_metrics(metrics_path, LOG_KEYS, os.path.join(workdir, "loss.png"), title="dsjax training")
+    return last

@@ -1,0 +1,68 @@
+"""The train state — everything that changes in training, explicit — born sharded.
+
+`TrainState` holds params, optimizer state, the router bias (the `router` collection: updated
+outside the gradient and the optimizer), the step, an RNG key and the skipped-step counters.
+`create` jits the initializer with `out_shardings` computed from the logical names the model
+gives every parameter, so no parameter or moment is ever materialized whole on one device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from dsjax import sharding as shd
+from dsjax.config import Config
+from dsjax.model import Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer steps taken (skipped ones included)
+    params: Any
+    opt_state: Any
+    router: Any  # {'router': bias tree}: aux-loss-free balancing biases
+    rng: jax.Array
+    skipped: jax.Array  # int32: total updates skipped for a non-finite loss or gradient
+    consecutive_skips: jax.Array  # int32
+
+    def variables(self):
+        return {"params": self.params, **self.router}
+
+
+def _init_boxed(config: Config, optimizer: optax.GradientTransformation, rng):
+    init_rng, state_rng = jax.random.split(rng)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    variables = Transformer(config.model).init(init_rng, tokens)
+    params = variables["params"]
+    router = {"router": variables["router"]} if "router" in variables else {}
+    opt_state = optimizer.init(params)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, opt_state, router, state_rng, zero, zero)
+
+
+def shardings(config: Config, optimizer, mesh):
+    """NamedShardings of the (unboxed) TrainState, from the parameters' logical names."""
+    boxed = jax.eval_shape(lambda: _init_boxed(config, optimizer, jax.random.PRNGKey(0)))
+    return shd.logical_shardings(boxed, mesh, shd.param_rules(config.mesh.fsdp))
+
+
+def abstract(config: Config, optimizer, mesh):
+    """ShapeDtypeStructs of the TrainState with their target shardings (for restore and AOT)."""
+    boxed = jax.eval_shape(lambda: _init_boxed(config, optimizer, jax.random.PRNGKey(0)))
+    state_shardings = shd.logical_shardings(boxed, mesh, shd.param_rules(config.mesh.fsdp))
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  nn.unbox(boxed), state_shardings)
+
+
+def create(config: Config, optimizer, mesh, seed: int) -> TrainState:
+    """The initial TrainState, every leaf created directly in its sharding."""
+    out = shardings(config, optimizer, mesh)
+    init = jax.jit(lambda rng: nn.unbox(_init_boxed(config, optimizer, rng)), out_shardings=out)
+    with jax.set_mesh(mesh):
+        return init(jax.random.PRNGKey(seed))

@@ -1,0 +1,110 @@
+"""One training step: step(state, batch) -> (state, metrics), pure and jitted with explicit
+shardings and the state donated.
+
+Gradient accumulation scans over `train.microbatches` slices of the batch, every slice's loss
+divided by the whole batch's token count so the summed gradient is the full-batch mean. A
+non-finite loss or gradient norm skips the update: params, optimizer state and router bias stay
+bit-identical, while the step counter (and, in the loop, the data iterator) advance and the skip
+is counted. Otherwise the optimizer applies the update and the router bias takes its
+aux-loss-free balancing step (`balance.update_router`) from the step's loads.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from dsjax import sharding as shd
+from dsjax.config import Config
+from dsjax.model import Transformer
+from dsjax.train import balance
+from dsjax.train.loss import loss_parts
+from dsjax.train.optimizer import schedule
+from dsjax.train.state import TrainState
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def loss_and_grads(config: Config, params, router, batch):
+    """Summed loss parts, loads and gradients over the batch's microbatches."""
+    model = Transformer(config.model)
+    use_mtp = config.model.mtp.num_nextn_predict_layers > 0 and config.train.mtp_weight > 0
+    normalizer = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+
+    def loss_fn(p, mb):
+        with nn.logical_axis_rules(shd.ACTIVATION_RULES):
+            out = model.apply({"params": p, **router}, mb["tokens"], mb["positions"], mb["segment_ids"],
+                              return_mtp=use_mtp, full_output=True)
+        parts = loss_parts(out, mb, config, normalizer)
+        moe_load = out.moe_stats.load_E if out.moe_stats is not None else jnp.zeros((0,), jnp.float32)
+        mtp_load = tuple(s.load_E for s in out.mtp_stats if s is not None)
+        return parts.total, (parts, moe_load, mtp_load)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    m = config.train.microbatches
+    if m == 1:
+        (_, (parts, moe_load, mtp_load)), grads = grad_fn(params, batch)
+        return parts, moe_load, mtp_load, grads
+
+    micro = jax.tree_util.tree_map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+
+    def body(acc, mb):
+        (_, aux), g = grad_fn(params, mb)
+        return jax.tree_util.tree_map(jnp.add, acc, (aux, g)), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    (_, aux0), g0 = grad_fn(params, first)
+    rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
+    (aux, grads), _ = jax.lax.scan(body, (aux0, g0), rest)
+    parts, moe_load, mtp_load = aux
+    parts = parts._replace(mtp_ce=parts.mtp_ce / m, balance=parts.balance / m)
+    return parts, moe_load, mtp_load, grads
+
+
+def train_step(config: Config, optimizer: optax.GradientTransformation, state: TrainState, batch):
+    parts, moe_load, mtp_load, grads = loss_and_grads(config, state.params, state.router, batch)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(parts.total) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_router = balance.update_router(state.router, moe_load, mtp_load, config.train.bias_update_rate)
+
+    def keep(new, old):
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    skipped = jnp.where(finite, 0, 1).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        router=keep(new_router, state.router),
+        rng=jax.random.fold_in(state.rng, state.step),
+        skipped=state.skipped + skipped,
+        consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": parts.ce_sum / jnp.maximum(parts.tokens, 1.0),
+        "total_loss": parts.total,
+        "mtp_loss": parts.mtp_ce,
+        "balance_loss": parts.balance,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(config.train)(state.step),
+        "skipped_steps": new_state.skipped,
+        "consecutive_skips": new_state.consecutive_skips,
+        "tokens": parts.tokens,
+    }
+    if moe_load.size:
+        metrics["expert_load_max_over_mean"] = balance.load_ratio(moe_load)
+    return new_state, metrics
+
+
+def make_train_step(config: Config, optimizer, mesh, state_shardings) -> Callable:
+    """The jitted step: state sharded as created, batch over ('data', 'expert'), state donated."""
+    batch_shardings = {k: shd.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    return jax.jit(lambda s, b: train_step(config, optimizer, s, b),
+                   in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)

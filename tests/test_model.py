@@ -1,0 +1,164 @@
+"""Model pieces that must agree with an independent reference: MTP vs numpy, MoE dispatch
+backends vs the dense reference, router semantics, and the 671B parameter count."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import presets
+from dsjax.config import ModelConfig, replace
+from dsjax.model import Transformer
+from dsjax.model import dispatch, router
+
+F32_ATOL = 1e-5
+
+
+def tiny_dense_mtp():
+    return replace(ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                               dtype="float32", initializer_range=0.3),
+                   **{"moe.n_routed_experts": 0, "mtp.num_nextn_predict_layers": 1, "mla.q_lora_rank": None,
+                      "mla.num_attention_heads": 2, "mla.kv_lora_rank": 8, "mla.qk_nope_head_dim": 4,
+                      "mla.qk_rope_head_dim": 4, "mla.v_head_dim": 4})
+
+
+def np_rms(x, w, eps):
+    return w * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+def np_rope(x, pos, theta):  # interleaved pairs, x [..., T, (H,) R]
+    r = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, r, 2) / r)
+    ang = pos[:, None] * inv  # [T, R/2]
+    if x.ndim == 3:
+        ang = ang[:, None]
+    c, s = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = x1 * c - x2 * s, x2 * c + x1 * s
+    return out
+
+
+def np_layer(p, x, c):
+    """One dense decoder layer (MLA with direct q + SwiGLU) for one sequence x [T, D]."""
+    m = c.mla
+    t = x.shape[0]
+    k, r, o, h = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.num_attention_heads
+    a = p["attn"]
+    hx = np_rms(x, p["attn_norm"]["scale"], c.rms_norm_eps)
+    q = np.einsum("TD,DHX->THX", hx, a["q"]["kernel"])
+    kv = hx @ a["kv_a"]["kernel"]
+    ckv = np_rms(kv[:, :m.kv_lora_rank], a["kv_a_norm"]["scale"], c.rms_norm_eps)
+    pos = np.arange(t, dtype=np.float64)
+    q_rope = np_rope(q[..., k:], pos, c.rope.rope_theta)
+    k_rope = np_rope(kv[:, m.kv_lora_rank:], pos, c.rope.rope_theta)
+    kvb = np.einsum("TC,CHX->THX", ckv, a["kv_b"])
+    scores = (np.einsum("THK,SHK->HTS", q[..., :k], kvb[..., :k]) + np.einsum("THR,SR->HTS", q_rope, k_rope))
+    scores = scores / np.sqrt(k + r) + np.where(np.tril(np.ones((t, t))) > 0, 0, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    att = np.einsum("HTS,SHO->THO", probs, kvb[..., k:])
+    x = x + np.einsum("THO,HOD->TD", att, a["o"]["kernel"])
+    hx = np_rms(x, p["mlp_norm"]["scale"], c.rms_norm_eps)
+    g, u = hx @ p["mlp"]["gate"]["kernel"], hx @ p["mlp"]["up"]["kernel"]
+    return x + (g / (1 + np.exp(-g)) * u) @ p["mlp"]["down"]["kernel"]
+
+
+def test_mtp_module_matches_numpy_reference():
+    c = tiny_dense_mtp()
+    tokens = np.random.RandomState(0).randint(0, c.vocab_size, (1, 9))
+    variables = nn.unbox(Transformer(c).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables["params"])
+    out = Transformer(c).apply(variables, jnp.asarray(tokens), return_mtp=True, full_output=True)
+
+    emb = p["embed"]["embedding"]
+    main = np_layer(jax.tree_util.tree_map(lambda a: a[0], p["dense_stack"]["scan"]["layer"]), emb[tokens[0]], c)
+    h = np_rms(main, p["final_norm"]["scale"], c.rms_norm_eps)  # MTP input: after the final norm
+    np.testing.assert_allclose(out.logits[0], h @ p["head"]["kernel"], atol=F32_ATOL)
+    q = p["mtp_0"]
+    nxt = np.concatenate([tokens[0, 1:], [0]])  # t_{i+1}
+    joined = np.concatenate([np_rms(emb[nxt], q["enorm"]["scale"], c.rms_norm_eps),
+                             np_rms(h, q["hnorm"]["scale"], c.rms_norm_eps)], -1)
+    mtp_h = np_layer(q["layer"], joined @ q["eh_proj"]["kernel"], c)
+    want = np_rms(mtp_h, q["norm"]["scale"], c.rms_norm_eps) @ p["head"]["kernel"]
+    np.testing.assert_allclose(out.mtp_logits[0][0], want, atol=F32_ATOL)
+
+
+def _experts(seed, n=40, d=8, f=12, e=6, k=2, skew=False):
+    r = np.random.RandomState(seed)
+    x = r.randn(n, d).astype(np.float32)
+    ids = np.stack([r.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    if skew:  # expert 0 takes almost everything, expert e-1 nothing
+        ids[:, 0] = 0
+        ids[:, 1] = np.where(ids[:, 1] == 0, 1, ids[:, 1])
+        ids[ids == e - 1] = 1
+    w = r.rand(n, k).astype(np.float32)
+    ws = [r.randn(e, d, f).astype(np.float32) * 0.3, r.randn(e, d, f).astype(np.float32) * 0.3,
+          r.randn(e, f, d).astype(np.float32) * 0.3]
+    return x, ids, w, ws
+
+
+@pytest.mark.parametrize("skew", [False, True])
+def test_dispatch_backends_agree_with_dense_reference(skew):
+    x, ids, w, ws = _experts(0, skew=skew)
+    want, _ = dispatch.dense(x, ids, w, *ws)
+    got, dropped = dispatch.dropless(x, ids, w, *ws)
+    np.testing.assert_allclose(got, want, atol=F32_ATOL)
+    assert int(dropped) == 0
+    got, dropped = dispatch.capacity(x, ids, w, *ws, capacity_factor=float(ws[0].shape[0]))
+    np.testing.assert_allclose(got, want, atol=F32_ATOL)
+    assert int(dropped) == 0
+    g_want = jax.grad(lambda a: dispatch.dense(a, ids, w, *ws)[0].sum())(x)
+    g_got = jax.grad(lambda a: dispatch.dropless(a, ids, w, *ws)[0].sum())(x)
+    np.testing.assert_allclose(g_got, g_want, atol=F32_ATOL)
+
+
+def test_capacity_drops_exactly_the_overflow():
+    # 4 tokens, k=1, 2 experts, capacity ceil(0.5 * 4 / 2) = 1: expert 0 gets tokens 0, 1, 3.
+    x = np.arange(8, dtype=np.float32).reshape(4, 2) + 1
+    ids = np.array([[0], [0], [1], [0]], np.int32)
+    w = np.ones((4, 1), np.float32)
+    ws = [np.ones((2, 2, 3), np.float32), np.ones((2, 2, 3), np.float32), np.ones((2, 3, 2), np.float32)]
+    y, dropped = dispatch.capacity(x, ids, w, *ws, capacity_factor=0.5)
+    y = np.asarray(y)
+    want = np.asarray(dispatch.dense(x, ids, w, *ws)[0])
+    assert int(dropped) == 2
+    np.testing.assert_allclose(y[[0, 2]], want[[0, 2]], atol=F32_ATOL)  # first of each expert kept
+    np.testing.assert_array_equal(y[[1, 3]], 0.0)  # later tokens of expert 0 dropped
+
+
+def test_router_bias_selects_but_never_weights():
+    c = ModelConfig()
+    c = replace(c, **{"moe.n_routed_experts": 4, "moe.n_group": 1, "moe.topk_group": 1,
+                      "moe.num_experts_per_tok": 1, "moe.norm_topk_prob": False, "moe.routed_scaling_factor": 2.0})
+    scores = jnp.array([[0.9, 0.8, 0.1, 0.2]])
+    bias = jnp.array([0.0, 0.5, 0.0, 0.0])
+    ids = router.select(scores, bias, c)
+    assert ids.tolist() == [[1]]  # bias moved the choice
+    np.testing.assert_allclose(router.gate_weights(scores, ids, c), [[1.6]])  # unbiased 0.8 × 2
+
+
+def test_group_limited_routing_masks_dropped_groups():
+    c = replace(ModelConfig(), **{"moe.n_routed_experts": 8, "moe.n_group": 4, "moe.topk_group": 1,
+                                  "moe.num_experts_per_tok": 2})
+    # group 1 (experts 2,3) has the best top-2 sum although expert 6 has the single best score
+    scores = jnp.array([[0.1, 0.1, 0.7, 0.7, 0.1, 0.1, 0.9, 0.0]])
+    assert sorted(router.select(scores, jnp.zeros(8), c)[0].tolist()) == [2, 3]
+
+
+def test_deepseek_v3_parameter_count():
+    from dsjax.train import flops
+
+    c = presets.load("deepseek_v3").model
+    shapes = nn.unbox(jax.eval_shape(Transformer(c).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    total = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
+    mtp = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]["mtp_0"]))
+    active = flops.active_params(c, with_mtp=False) + c.vocab_size * c.hidden_size  # + embedding row
+    print(f"DeepSeek-V3: {(total - mtp) / 1e9:.1f}B without MTP, {total / 1e9:.1f}B with MTP, "
+          f"{active / 1e9:.1f}B activated per token")
+    assert round((total - mtp) / 1e9, 1) == 671.0
+    assert round(total / 1e9, 1) == 682.6
+    assert 36e9 <= active <= 38e9
