@@ -1,6 +1,6 @@
 """FP8 (DeepSeek-V3 §3.3): quantize_blocks vs a numpy transcription of DeepSeek's act_quant and
-128x128 weight scaling; the fp8 dot (and both gradients) vs dequantize-then-f32 from the same
-quantized operands, and within FP8 error of the unquantized float32 product."""
+128x128 weight scaling; the fp8 dot (and both gradients) vs dequantize-then-multiply from the same
+quantized operands (in float64), and within FP8 error of the unquantized product."""
 
 import functools
 import math
@@ -13,7 +13,8 @@ import pytest
 
 from dsjax import fp8
 
-SAME_OPERANDS_RTOL = 1e-5  # fp8 dot vs dequantize-then-f32 of the same q: float32 rounding only
+SAME_OPERANDS_RTOL = 1e-5  # xla_cpu fp8 dot vs dequantize-then-f64 of the same q: f32 sums only
+# (H200 FP8 tensor cores, backend xla_gpu, measured 0.5-1.3e-4: see dsjax/fp8/dot.py)
 FP8_REL_ERR = 5e-2  # relative Frobenius error vs unquantized f32 on N(0, 1) data (~3.7% expected)
 E4M3_HALF_ULP = 2.0**-4  # round-to-nearest: |x - x_hat| <= 2^-4 |x| for normal E4M3 values
 E4M3_HALF_SUBNORMAL = 2.0**-10  # ... and <= 2^-10 * scale below E4M3's smallest normal, 2^-6
@@ -166,10 +167,11 @@ def _dot_and_grads(dot, x, w, dy, **kw):
     return jax.jit(f)(x, w, dy)
 
 
-def _problem(x_shape, w_shape, seed, n_out_dims=None):
+def _problem(x_shape, w_shape, seed):
+    """N(0, 1) activations, N(0, 1/K) weights (K = x's last dim)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(x_shape).astype(np.float32)
-    w = (rng.standard_normal(w_shape) / np.sqrt(w_shape[-2] if n_out_dims else w_shape[0])).astype(np.float32)
+    w = (rng.standard_normal(w_shape) / np.sqrt(x_shape[-1])).astype(np.float32)
     return x, w
 
 
@@ -180,6 +182,11 @@ def _block_reference(x_MK, w_KN, dy_MN):
     dx = _deq(dy_MN, (1, 128)) @ w_hat.T
     dw = _deq(x_MK, (128, 1)).T @ _deq(dy_MN, (128, 1))
     return y, dx, dw
+
+
+def _tensor_reference(x_MK, w_KN, dy_MN):
+    x, w, dy = (_deq(a, a.shape) for a in (x_MK, w_KN, dy_MN))
+    return x @ w, dy @ w.T, x.T @ dy
 
 
 def _check_same_operands(name, got, ref):
@@ -196,7 +203,7 @@ def _check_fp8_error(name, got, x_MK, w_KN, dy_MN):
     assert max(errs) < FP8_REL_ERR, (name, errs)
 
 
-@pytest.mark.parametrize("M,K,N", [(96, 320, 200), (256, 256, 128)])
+@pytest.mark.parametrize("M,K,N", [(96, 320, 200), (200, 384, 136)])
 def test_block_dot_matches_dequantized_reference(M, K, N):
     x, w = _problem((M, K), (K, N), seed=5)
     dy = np.random.default_rng(6).standard_normal((M, N)).astype(np.float32)
@@ -220,7 +227,7 @@ def test_block_dot_multi_dim_x_and_w():
 @pytest.mark.parametrize("mode", ["block", "tensor"])
 def test_batched_expert_dot(mode):
     E, C, K, N = 2, 40, 200, 72
-    x, w = _problem((E, C, K), (E, K, N), seed=9, n_out_dims=1)
+    x, w = _problem((E, C, K), (E, K, N), seed=9)
     dy = np.random.default_rng(10).standard_normal((E, C, N)).astype(np.float32)
     y, dx, dw = _dot_and_grads(fp8.make_dot(mode, "xla_cpu"), x, w, dy, batched=True)
     assert y.shape == (E, C, N) and dx.shape == x.shape and dw.shape == w.shape
@@ -231,11 +238,6 @@ def test_batched_expert_dot(mode):
         else:
             _check_same_operands(f"tensor expert {e}", got, _tensor_reference(x[e], w[e], dy[e]))
         _check_fp8_error(f"{mode} expert {e}", got, x[e], w[e], dy[e])
-
-
-def _tensor_reference(x_MK, w_KN, dy_MN):
-    x, w, dy = (_deq(a, a.shape) for a in (x_MK, w_KN, dy_MN))
-    return x @ w, dy @ w.T, x.T @ dy
 
 
 def test_tensor_dot():

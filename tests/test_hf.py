@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -221,3 +221,31 @@ def test_sharded_load_matches_single_device(saved):
     _, single = hf.load_pretrained(str(saved))
     for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(single)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@functools.lru_cache(maxsize=None)
+def _convert_module():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "convert_hf.py")
+    spec = importlib.util.spec_from_file_location("convert_hf", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_hf_round_trip(saved, tmp_path):
+    convert = _convert_module()
+    convert.hf_to_dsjax(str(saved), str(tmp_path / "run"), "float32")
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "0")
+    convert.dsjax_to_hf(str(tmp_path / "run"), str(tmp_path / "back"), fp8=False, step=None, dtype="float32")
+    before, _, _ = dsjax_logits(saved)
+    after, _, _ = dsjax_logits(tmp_path / "back")
+    np.testing.assert_array_equal(after, before)
+
+
+def test_convert_hf_names_a_truncated_file(saved, tmp_path):
+    d = _copy(saved, tmp_path / "t")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    with pytest.raises(hf.CheckpointError, match=str(f)):
+        _convert_module().hf_to_dsjax(str(d), str(tmp_path / "run"), "float32")

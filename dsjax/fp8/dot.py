@@ -22,14 +22,23 @@ In "tensor" and "block", dx and dw come back in the dtypes of x and w. The forwa
 
 Backends (`config.model.kernel_backend`; chosen by that value, never by probing the platform) set
 how one fp8 x fp8 product runs (`_fp8_matmul`):
-- "xla_cpu": operands converted to float32 (exact) and an f32 dot; XLA:CPU has no fp8 dot and
-  rejects the ANY_F8_ANY_F8_F32 algorithm.
+- "xla_cpu": operands converted to float32 (exact) and an f32 dot; XLA:CPU rejects the
+  ANY_F8_ANY_F8_F32 algorithm.
 - "xla_tpu": operands converted to bfloat16 (exact: E4M3 is a subset of bf16), f32 accumulation.
 - "xla_gpu", "pallas_gpu": fp8 operands straight into lax.dot_general with
   precision=DotAlgorithmPreset.ANY_F8_ANY_F8_F32 (cuBLASLt FP8; DEFAULT precision would switch on
   its fast, ~14-bit accumulation that §3.3.2 warns about).
 A block-scaled GPU kernel plugs in at one place, `_block_matmul`, for backend "pallas_gpu"; until
-it exists that backend runs the XLA split-K path.
+it exists that backend runs the XLA split-K path. Measured on one H200 (jax 0.11.2, 2026-11-29):
+all three GEMMs of both modes compile to `__cublas$lt$matmul$f8`; one fp8 product differs from the
+exact product of the same q by 0.5-1.3e-4 relative, independent of K (FP8 tensor-core accumulation
+between promotions); at M, K, N = 8192, 7168, 2048 in bf16, fwd+bwd took 1.16 ms for "none",
+1.22 ms for "tensor" and 14.6 ms for "block" (the scan of K/128 GEMMs is bound by the traffic of
+its f32 accumulator), which is what that kernel is for.
+
+Names carry GEMM-local shape letters (not sharding.py's model letters): M tokens, K contraction,
+N output columns, E the batch of `batched=True`; I, J, L count the 128-blocks of M, K, N, and k is
+one chunk's 128.
 
 Deviations: zero blocks and partial edge blocks as in quantize.py; "tensor" is an extra mode (XLA's
 native per-tensor FP8, current scaling, E4M3 for gradients too), not part of DeepSeek's recipe.
@@ -170,7 +179,7 @@ class Fp8Dot:
                              e.g. experts; in "tensor" mode each e has its own scales)
     Leading dims of x flatten to tokens M and the dims of N flatten to one, so a weight [K, H, D]
     is blocked as DeepSeek's checkpoints block the same matrix, over (K, H*D).
-    out_dtype defaults to x.dtype.
+    out_dtype defaults to x.dtype; gradients come back in the dtypes of x and w.
     """
 
     mode: str = "none"

@@ -66,3 +66,29 @@ def create(config: Config, optimizer, mesh, seed: int) -> TrainState:
     init = jax.jit(lambda rng: nn.unbox(_init_boxed(config, optimizer, rng)), out_shardings=out)
     with jax.set_mesh(mesh):
         return init(jax.random.PRNGKey(seed))
+
+
+def load_workdir(workdir: str, mesh=None, step=None):
+    """(Config, variables, step) of a run directory scripts/train.py (or convert_hf.py) wrote:
+    config.json plus the TrainState in checkpoints/, restored onto `mesh` (default: all devices
+    on the data axis)."""
+    import json
+    import os
+
+    from dsjax import checkpoint as ckpt_lib
+    from dsjax.config import ConfigError, MeshConfig, from_config_dict, replace
+    from dsjax.train.optimizer import make_optimizer
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: not found — is {workdir} a dsjax run directory?")
+    with open(path) as f:
+        config = from_config_dict(json.load(f))
+    if mesh is None:
+        config = replace(config, mesh=MeshConfig())
+        mesh = shd.make_mesh(config.mesh)
+    optimizer = make_optimizer(config.train)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000)
+    state, extra = checkpointer.restore(step, abstract_state=abstract(config, optimizer, mesh))
+    checkpointer.close()
+    return config, state.variables(), int(extra["step"])
