@@ -64,6 +64,10 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     dispatch: str = "dropless"  # "dropless" | "capacity" | "dense" (reference, every expert on every token)
     capacity_factor: float = 1.25
+    # Token exchange over the mesh's 'expert' axis (dsjax/model/expert_parallel.py): fixed worst-case
+    # buffers through all_to_all (every backend) or ragged_all_to_all (GPU/TPU; XLA:CPU lacks it).
+    expert_parallel: str = "all_to_all"  # "all_to_all" | "ragged_all_to_all"
+    grouped_gemm: str = "xla"  # "xla" (jax.lax.ragged_dot) | "pallas_mgpu" (Hopper Pallas kernels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +191,10 @@ class GRPOConfig:
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    seed: int = 0  # rollout sampling (and the init when there is no init_checkpoint)
+    weight_decay: float = 0.0  # AdamW decay during RL (TRL's default 0); other AdamW fields from train.*
+    microbatches: int = 1  # row chunks of the log-prob forwards and of the update's gradient accumulation
+    eval_batch_size: int = 256  # held-out prompts decoded at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +224,8 @@ _CHOICES = {
     "model.moe.topk_method": ("noaux_tc", "group_limited_greedy", "greedy"),
     "model.moe.scoring_func": ("sigmoid", "softmax"),
     "model.moe.dispatch": ("dropless", "capacity", "dense"),
+    "model.moe.expert_parallel": ("all_to_all", "ragged_all_to_all"),
+    "model.moe.grouped_gemm": ("xla", "pallas_mgpu"),
     "data.source": ("arithmetic", "stdlib", "text", "jsonl", "arrayrecord"),
     "grpo.aggregation": ("sequence", "token", "dr_grpo"),
     "grpo.scale_rewards": ("group", "batch", "none"),
@@ -279,6 +289,8 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> ModelConfig:
                f"num_experts_per_tok={moe.num_experts_per_tok}")
         _check(moe.n_shared_experts >= 0, f"{prefix}.moe.n_shared_experts", "must be >= 0")
         _check(moe.capacity_factor > 0, f"{prefix}.moe.capacity_factor", "must be positive")
+    _check(m.attention == "xla" or m.kernel_backend in ("xla_gpu", "pallas_gpu"), f"{prefix}.attention",
+           f"'cudnn' attention needs a GPU kernel_backend, got {m.kernel_backend!r}")
     _check(m.mtp.num_nextn_predict_layers >= 0, f"{prefix}.mtp.num_nextn_predict_layers", "must be >= 0")
     for name in ("bos_token_id", "eos_token_id"):
         tok = getattr(m, name)
@@ -328,6 +340,21 @@ def validate(c: Config, num_devices: Optional[int] = None) -> Config:
     _check(g.num_generations >= 2, "grpo.num_generations", "GRPO needs groups of >= 2 completions")
     _check(len(g.reward_funcs) == len(g.reward_weights), "grpo.reward_weights",
            f"{len(g.reward_weights)} weights for {len(g.reward_funcs)} reward_funcs")
+    for name in ("steps", "prompts_per_step", "max_prompt_length", "max_completion_length", "num_iterations",
+                 "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "microbatches",
+                 "eval_batch_size"):
+        _check(getattr(g, name) >= 1, f"grpo.{name}", f"must be >= 1, got {getattr(g, name)}")
+    _check(g.stop_at_step is None or 1 <= g.stop_at_step <= g.steps, "grpo.stop_at_step",
+           f"must be in [1, grpo.steps={g.steps}], got {g.stop_at_step}")
+    _check(g.heldout_eval_size >= 0, "grpo.heldout_eval_size", "must be >= 0 (0 skips the held-out evaluation)")
+    _check(g.learning_rate > 0, "grpo.learning_rate", "must be positive")
+    for name in ("temperature", "beta", "epsilon_low", "epsilon_high", "mtp_weight", "weight_decay"):
+        _check(getattr(g, name) >= 0, f"grpo.{name}", f"must be >= 0, got {getattr(g, name)}")
+    _check(g.top_k >= 0 and 0 < g.top_p <= 1, "grpo.top_k", f"top_k must be >= 0 and top_p in (0, 1], "
+           f"got top_k={g.top_k}, top_p={g.top_p}")
+    _check(g.prompts_per_step * g.num_generations % g.microbatches == 0, "grpo.microbatches",
+           f"prompts_per_step*num_generations={g.prompts_per_step * g.num_generations} is not divisible "
+           f"by microbatches={g.microbatches}")
     return c
 
 

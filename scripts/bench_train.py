@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "preset", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps")
-_VARIANTS = flags.DEFINE_list("variants", [], "extra DISPATCH/REMAT pairs to time the whole step with, "
-                              "e.g. capacity/minimal")
+_VARIANTS = flags.DEFINE_list("variants", [], "extra DISPATCH/REMAT[/ATTENTION] settings to time the whole step "
+                              "with, e.g. capacity/minimal/cudnn")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for bench_train.json")
 
 
@@ -143,10 +143,11 @@ def main(argv):
     use_mtp = c.mtp.num_nextn_predict_layers > 0 and config.train.mtp_weight > 0
     result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "batch": b, "seq_len": t,
               "active_params": flops.active_params(c, use_mtp), "steps": {}}
-    variants = [f"{c.moe.dispatch}/{c.remat}"] + [v for v in _VARIANTS.value if v != f"{c.moe.dispatch}/{c.remat}"]
+    base = f"{c.moe.dispatch}/{c.remat}/{c.attention}"
+    variants = [base] + [v for v in _VARIANTS.value if v != base]
     for dispatch in variants:
-        kind, remat = dispatch.split("/")
-        cfg = replace(config, **{"model.moe.dispatch": kind, "model.remat": remat})
+        kind, remat, attention = (dispatch.split("/") + [c.attention])[:3]
+        cfg = replace(config, **{"model.moe.dispatch": kind, "model.remat": remat, "model.attention": attention})
         try:
             seconds, compile_s, loss = step_seconds(cfg, _STEPS.value)
         except Exception as e:  # a variant that does not fit or compile is recorded, not fatal
