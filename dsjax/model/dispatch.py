@@ -5,11 +5,13 @@
 Backends (config.moe.dispatch):
 - "dense": every expert on every token, masked — O(N·E) compute; the plain reference for tests.
 - "dropless": sort the N·k (token, expert) pairs by expert, grouped GEMMs over the contiguous
-  groups (jax.lax.ragged_dot), weighted combine, unsort. No token is ever dropped.
+  groups (`grouped_gemm.gmm`: jax.lax.ragged_dot, or the Pallas Mosaic GPU kernels by
+  config.moe.grouped_gemm), weighted combine, unsort. No token is ever dropped.
 - "capacity": fixed [E, capacity] buffers (capacity = ceil(capacity_factor · N·k / E)); pairs past
   an expert's capacity are dropped (in token order) and counted; static shapes throughout.
 
-Expert parallelism over the mesh's 'expert' axis wraps these local computations (a later module).
+Expert parallelism over the mesh's 'expert' axis (`expert_parallel.py`) moves tokens to the shard
+holding their experts and runs the same grouped FFN (`ffn_grouped`, `capacity_ffn`) there.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.model.grouped_gemm import gmm
 
 
-def _ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD):
-    gate_MF = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E, preferred_element_type=jnp.float32)
-    up_MF = jax.lax.ragged_dot(x_MD, w_up_EDF, group_sizes_E, preferred_element_type=jnp.float32)
+def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla"):
+    """SwiGLU experts over rows sorted into contiguous expert groups; rows past the groups give 0."""
+    gate_MF = gmm(x_MD, w_gate_EDF, group_sizes_E, grouped_gemm)
+    up_MF = gmm(x_MD, w_up_EDF, group_sizes_E, grouped_gemm)
     h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
-    return jax.lax.ragged_dot(h_MF, w_down_EFD, group_sizes_E, preferred_element_type=jnp.float32)
+    return gmm(h_MF, w_down_EFD, group_sizes_E, grouped_gemm)
 
 
 def dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -39,14 +43,14 @@ def dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
     return jnp.einsum("NED,NE->ND", y_NED, combine_NE), jnp.zeros((), jnp.int32)
 
 
-def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
+def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla"):
     n, k = ids_NK.shape
     e = w_gate_EDF.shape[0]
     flat_ids_M = ids_NK.reshape(-1)
     order_M = jnp.argsort(flat_ids_M, stable=True)
     x_MD = jnp.take(x_ND, order_M // k, axis=0)
     group_sizes_E = jnp.bincount(flat_ids_M, length=e).astype(jnp.int32)
-    y_MD = _ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_MD = ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm)
     y_MD = jnp.zeros_like(y_MD).at[order_M].set(y_MD)  # unsort back to (token, slot) order
     y_ND = (y_MD.reshape(n, k, -1) * weights_NK[..., None]).sum(1)
     return y_ND, jnp.zeros((), jnp.int32)
@@ -66,17 +70,23 @@ def capacity(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, capacit
     flat_ids_M = ids_NK.reshape(-1)
     position_M, keep_M = capacity_slots(ids_NK, e, cap)
     slot_M = jnp.where(keep_M, flat_ids_M * cap + position_M, e * cap)  # overflow -> a discarded row
-    x_MD = jnp.repeat(x_ND, k, axis=0)
-    buf_XD = jnp.zeros((e * cap + 1, d), x_ND.dtype).at[slot_M].set(x_MD)
+    y_MD = capacity_ffn(jnp.repeat(x_ND, k, axis=0), slot_M, cap, w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_ND = (y_MD.reshape(n, k, d) * weights_NK[..., None]).sum(1)
+    return y_ND, (~keep_M).sum().astype(jnp.int32)
+
+
+def capacity_ffn(x_MD, slot_M, cap: int, w_gate_EDF, w_up_EDF, w_down_EFD):
+    """SwiGLU experts on fixed [E, cap] buffers: row m goes to flat slot slot_M[m] (E·cap discards
+    it, and its output is 0); returns each row's output [M, D] float32."""
+    e, d = w_gate_EDF.shape[0], x_MD.shape[1]
+    buf_XD = jnp.zeros((e * cap + 1, d), x_MD.dtype).at[slot_M].set(x_MD)
     buf_ECD = buf_XD[:-1].reshape(e, cap, d)
     gate_ECF = jnp.einsum("ECD,EDF->ECF", buf_ECD, w_gate_EDF, preferred_element_type=jnp.float32)
     up_ECF = jnp.einsum("ECD,EDF->ECF", buf_ECD, w_up_EDF, preferred_element_type=jnp.float32)
-    h_ECF = (jax.nn.silu(gate_ECF) * up_ECF).astype(x_ND.dtype)
+    h_ECF = (jax.nn.silu(gate_ECF) * up_ECF).astype(x_MD.dtype)
     out_ECD = jnp.einsum("ECF,EFD->ECD", h_ECF, w_down_EFD, preferred_element_type=jnp.float32)
     out_XD = jnp.concatenate([out_ECD.reshape(e * cap, d), jnp.zeros((1, d), out_ECD.dtype)])
-    y_MD = jnp.take(out_XD, slot_M, axis=0)
-    y_ND = (y_MD.reshape(n, k, d) * weights_NK[..., None]).sum(1)
-    return y_ND, (~keep_M).sum().astype(jnp.int32)
+    return jnp.take(out_XD, slot_M, axis=0)
 
 
 def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config: ModelConfig):
@@ -86,4 +96,4 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
         return dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
     if kind == "capacity":
         return capacity(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config.moe.capacity_factor)
-    return dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config.moe.grouped_gemm)

@@ -3,7 +3,10 @@
     h' = h + sum_i FFN_shared_i(h) + sum_{e in TopK} g_e FFN_e(h)
 
 The n_shared_experts shared experts are one SwiGLU of width n_shared_experts · moe_intermediate_size
-(as the official checkpoints store them). Routed experts go through `dispatch.routed_experts`.
+(as the official checkpoints store them). Routed experts go through `dispatch.routed_experts`, or,
+under a mesh with an 'expert' axis > 1 (or a Pallas grouped GEMM on several devices), through
+`expert_parallel.routed_experts` (shard_map, all-to-all token exchange); loads are counted here
+from the ids either way.
 
 Besides its output the layer returns `MoEStats`: tokens per expert (the load that drives the
 aux-loss-free bias update) and the sequence-wise balance loss (V3 eqs. 17-20)
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsjax.config import ModelConfig
-from dsjax.model import dispatch
+from dsjax.model import dispatch, expert_parallel
 from dsjax.model.layers import SwiGLU, dtype_of, init_normal
 from dsjax.model.router import Router
 
@@ -59,8 +62,13 @@ class MoE(nn.Module):
         w_gate_EDF = expert_weight("gate", (e, d, f), ("expert", "expert_embed", "expert_mlp"))
         w_up_EDF = expert_weight("up", (e, d, f), ("expert", "expert_embed", "expert_mlp"))
         w_down_EFD = expert_weight("down", (e, f, d), ("expert", "expert_mlp", "expert_embed"))
-        routed_ND, dropped = dispatch.routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF,
-                                                     w_down_EFD, c)
+        mesh = expert_parallel.mesh_for(c)
+        if mesh is None:
+            routed_ND, dropped = dispatch.routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF,
+                                                         w_down_EFD, c)
+        else:
+            routed_ND, dropped = expert_parallel.routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF,
+                                                                w_down_EFD, c, mesh)
         y_BTD = routed_ND.reshape(b, t, d).astype(dtype)
         if moe.n_shared_experts:
             y_BTD = y_BTD + SwiGLU(f * moe.n_shared_experts, c, name="shared")(x_BTD)

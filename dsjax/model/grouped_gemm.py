@@ -1,0 +1,204 @@
+"""Grouped GEMM: y[rows of group g] = x[rows of group g] @ w[g], over contiguous row groups.
+
+    gmm(x_MK, w_GKN, group_sizes_G, kind) -> y_MN
+
+The routed experts' three GEMMs (DeepSeek-V3 §2.1.2) after tokens are sorted by expert. Rows past
+sum(group_sizes) belong to no group and come back as zeros (expert parallelism feeds fixed
+worst-case buffers whose tail is empty).
+
+Backends (config.moe.grouped_gemm, never chosen by probing the platform):
+- "xla": jax.lax.ragged_dot — the reference and the CPU/TPU path. On H200 XLA densifies it
+  (~24 TFLOP/s, research/performance-anchors.md J1).
+- "pallas_mgpu": JAX's Pallas Mosaic GPU Hopper kernels (jax.experimental.pallas.ops.gpu; ~608
+  TFLOP/s bf16 forward, anchor J3) under one jax.custom_vjp, since they have no VJP of their own:
+      forward       y  = ragged_dot(x, w)                       (M-grouped)
+      input grad    dx = ragged_dot(dy, w, transpose_rhs=True)  (M-grouped, w read K-major, no copy)
+      weight grad   dw = transposed_ragged_dot(x, dy)           (K-grouped: contraction over rows)
+  The forward/input-grad kernel is ragged_dot_mgpu's, with one change: a tile that holds no row of
+  any group skips its K loop (the stock kernel still runs it), so an expert-parallel buffer sized
+  for the worst case costs only the rows it actually holds. The kernels write no row outside the
+  groups, so both M-grouped outputs are masked with a select (NaN-safe). Operands must be bf16/f16
+  with K and N multiples of 128; M is padded to the row block. Anything else falls back to "xla"
+  with one warning per shape. Kernel outputs are in the operand dtype (f32 accumulation inside),
+  so with this backend the weight gradient is rounded to bf16 before the optimizer sees it.
+
+GPU-only modules are imported inside the kernel functions, so importing dsjax works everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+_warned: set = set()
+
+# Block shapes: (128, 128, 64), 4 stages, grid_block_n 4 measured 608 TFLOP/s on H200 (anchor J3).
+BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GRID_BLOCK_N = 128, 128, 64, 4, 4
+KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+class Kernels(NamedTuple):
+    """The three grouped products the custom VJP needs; rows outside every group may be garbage."""
+
+    forward: Callable  # (x_MK, w_GKN, group_sizes_G) -> [M, N]
+    input_grad: Callable  # (dy_MN, w_GKN, group_sizes_G) -> [M, K]
+    weight_grad: Callable  # (x_MK, dy_MN, group_sizes_G) -> [G, K, N]
+
+
+def _row_mask(y, group_sizes_G):
+    in_group_M = jnp.arange(y.shape[0]) < group_sizes_G.sum()
+    return jnp.where(in_group_M[:, None], y, jnp.zeros((), y.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def grouped(x_MK, w_GKN, group_sizes_G, kernels: Kernels):
+    """y [M, N] (operand dtype) through `kernels`, rows outside the groups zeroed."""
+    return _row_mask(kernels.forward(x_MK, w_GKN, group_sizes_G), group_sizes_G)
+
+
+def _grouped_fwd(x_MK, w_GKN, group_sizes_G, kernels):
+    return grouped(x_MK, w_GKN, group_sizes_G, kernels), (x_MK, w_GKN, group_sizes_G)
+
+
+def _grouped_bwd(kernels, res, dy_MN):
+    x_MK, w_GKN, group_sizes_G = res
+    dy_MN = _row_mask(dy_MN.astype(x_MK.dtype), group_sizes_G)
+    dx_MK = _row_mask(kernels.input_grad(dy_MN, w_GKN, group_sizes_G), group_sizes_G)
+    dw_GKN = kernels.weight_grad(x_MK, dy_MN, group_sizes_G)
+    return dx_MK.astype(x_MK.dtype), dw_GKN.astype(w_GKN.dtype), None
+
+
+grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+# ------------------------------------------------------------------------------- Pallas MGPU
+
+
+def _ragged_dot_mgpu(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False):
+    """ragged_dot_mgpu.ragged_dot (jax 0.11, Apache-2.0, the JAX Authors) with empty tiles skipped.
+
+    rhs is [G, K, N], or [G, N, K] with transpose_rhs. Output [M, N] in lhs.dtype.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import GroupInfo
+
+    m, k = lhs_MK.shape
+    g = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    block_m, block_n, block_k = BLOCK_M, BLOCK_N, BLOCK_K
+
+    def body(rows_per_expert_gmem, lhs_gmem, rhs_gmem, o_gmem):
+        grid_m = pl.cdiv(m, block_m) + g - 1
+        grid_n = pl.cdiv(n, block_n)
+
+        @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
+        def mn_loop(loop_info):
+            mi, ni = plgpu.planar_snake(loop_info.index[0], (grid_m, grid_n), 1, GRID_BLOCK_N)
+            group_info = GroupInfo.create(rows_per_expert_gmem, block_m, mi)
+
+            def acc_scope(acc_ref):
+                @pl.when(group_info.actual_size > 0)  # the one change: skip tiles with no rows
+                def _():
+                    plgpu.emit_pipeline(
+                        lambda _, lhs_smem, rhs_smem: plgpu.wgmma(
+                            acc_ref, lhs_smem, rhs_smem.transpose((1, 0)) if transpose_rhs else rhs_smem),
+                        grid=(k // block_k,),
+                        in_specs=[
+                            plgpu.BlockSpec((block_m, block_k), lambda kk: (group_info.block, kk), delay_release=1),
+                            plgpu.BlockSpec((block_n, block_k) if transpose_rhs else (block_k, block_n),
+                                            lambda kk: (ni, kk) if transpose_rhs else (kk, ni), delay_release=1),
+                        ],
+                        max_concurrent_steps=STAGES,
+                    )(lhs_gmem, rhs_gmem.at[group_info.group_id])
+                return acc_ref[...]
+
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n)))
+
+            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_m, block_n), dtype=o_gmem.dtype))
+            def store_scope(o_smem):
+                o_smem[...] = acc.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                # Stores of 2^i rows (a static ladder of TMA shapes) cover the group's rows in this tile.
+                smem_start = group_info.start_within_block
+                remaining_rows = min(block_m, m)
+                while remaining_rows > 0:
+                    const_rows_len = 1 << (remaining_rows.bit_length() - 1)
+                    remaining_rows //= 2
+
+                    @pl.when(group_info.actual_size & const_rows_len != 0)
+                    def _():
+                        plgpu.copy_smem_to_gmem(
+                            o_smem.at[pl.ds(smem_start, const_rows_len)],
+                            o_gmem.at[pl.ds(group_info.block_start + smem_start, const_rows_len),
+                                      pl.ds(ni * block_n, block_n)])
+
+                    smem_start += group_info.actual_size & const_rows_len
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), lhs_MK.dtype),
+        grid=(jax.devices()[0].core_count,),
+        grid_names=("sm",),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    return kernel(group_sizes_G, lhs_MK, rhs)
+
+
+def _mgpu_forward(x_MK, w_GKN, group_sizes_G):
+    return _ragged_dot_mgpu(x_MK, w_GKN, group_sizes_G)
+
+
+def _mgpu_input_grad(dy_MN, w_GKN, group_sizes_G):
+    return _ragged_dot_mgpu(dy_MN, w_GKN, group_sizes_G, transpose_rhs=True)
+
+
+def _mgpu_weight_grad(x_MK, dy_MN, group_sizes_G):
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+    return transposed_ragged_dot_mgpu.transposed_ragged_dot(
+        x_MK, dy_MN, group_sizes=group_sizes_G, block_m=BLOCK_M, block_n=BLOCK_N, block_k=BLOCK_K,
+        max_concurrent_steps=STAGES, grid_block_n=GRID_BLOCK_N)
+
+
+MGPU = Kernels(_mgpu_forward, _mgpu_input_grad, _mgpu_weight_grad)
+
+
+def mgpu_unfit_reason(x_MK, w_GKN) -> str | None:
+    """Why the Pallas kernels cannot take these operands, or None when they can."""
+    k, n = w_GKN.shape[1:]
+    if x_MK.dtype != w_GKN.dtype or x_MK.dtype not in KERNEL_DTYPES:
+        return f"operands {x_MK.dtype}/{w_GKN.dtype} (the kernels take bf16 or f16, both the same)"
+    if k % BLOCK_M or n % BLOCK_N:  # covers BLOCK_K too; K and N are each an output width once
+        return f"K={k}, N={n} (both must be multiples of {BLOCK_M})"
+    return None
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def gmm(x_MK, w_GKN, group_sizes_G, kind: str = "xla", out_dtype=jnp.float32):
+    """Grouped GEMM of `kind` ("xla" | "pallas_mgpu"): y [M, N] in out_dtype, zero outside the groups."""
+    group_sizes_G = group_sizes_G.astype(jnp.int32)
+    if kind == "pallas_mgpu":
+        reason = mgpu_unfit_reason(x_MK, w_GKN)
+        if reason is None:
+            m = x_MK.shape[0]
+            pad = -m % BLOCK_M
+            x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
+            return grouped(x_pad, w_GKN, group_sizes_G, MGPU)[:m].astype(out_dtype)
+        _warn_once((reason, x_MK.shape, w_GKN.shape),
+                   f"grouped_gemm='pallas_mgpu' cannot take x{x_MK.shape} @ w{w_GKN.shape}: {reason}; "
+                   "using jax.lax.ragged_dot")
+    elif kind != "xla":
+        raise ValueError(f"config field 'model.moe.grouped_gemm': unknown kind {kind!r}")
+    return jax.lax.ragged_dot(x_MK, w_GKN, group_sizes_G, preferred_element_type=out_dtype)
