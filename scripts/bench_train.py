@@ -24,6 +24,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "preset", lock_config=
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps")
 _VARIANTS = flags.DEFINE_list("variants", [], "extra DISPATCH/REMAT[/ATTENTION] settings to time the whole step "
                               "with, e.g. capacity/minimal/cudnn")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", True, "also time each block kind alone")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for bench_train.json")
 
 
@@ -159,7 +160,7 @@ def main(argv):
             "mfu": flops.mfu(c, b, t, use_mtp, seconds, config.train.peak_tflops, 1)}
         print(f"dispatch={dispatch}: {seconds * 1e3:.1f} ms/step, {b * t / seconds:,.0f} tokens/s, "
               f"MFU {result['steps'][dispatch]['mfu']:.1%} (compile {compile_s:.0f}s)", flush=True)
-    result["breakdown"] = breakdown(config)  # blocks as configured (dispatch, no remat)
+    result["breakdown"] = breakdown(config) if _BREAKDOWN.value else {}  # blocks as configured, no remat
     for name, row in result["breakdown"].items():
         if "error" in row:
             print(f"  {name:24s} FAILED {row['error']}", flush=True)
