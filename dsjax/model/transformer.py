@@ -104,3 +104,17 @@ class Transformer(nn.Module):
         if cache is not None:
             new_cache = ModelCache(new_dense, new_moe, tuple(mtp_caches) + tuple(cache.mtp[len(mtp_caches):]))
         return ModelOutput(logits_BTV, tuple(mtp_logits), moe_stats, tuple(mtp_stats), hidden_BTD, new_cache)
+
+    def mtp_step(self, depth: int, h_prev_BTD, tokens_BT, positions_BT, segment_ids_BT, *, cache: LayerCache,
+                 view: CacheView):
+        """MTP module `depth` (0-based) alone, with its latent cache: speculative drafting.
+
+        `h_prev_BTD` is h^{depth} of the module docstring (the main model's post-norm hidden for
+        depth 0, else the previous module's output) at positions_BT; `tokens_BT` holds the token
+        at position + depth + 1 for each column. Returns (h_BTD, logits_BTV float32, new cache).
+        Call through `apply(variables, depth, ..., method=Transformer.mtp_step)`.
+        """
+        emb_BTD = self.embed(tokens_BT)
+        h_BTD, normed_BTD, new_cache, _ = self.mtp[depth](h_prev_BTD, emb_BTD, positions_BT, segment_ids_BT, view,
+                                                          cache, None)
+        return h_BTD, self.head(normed_BTD), new_cache
