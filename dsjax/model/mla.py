@@ -9,9 +9,12 @@
 One module, two ways to run it, selected by how it is called:
 
 - no cache (training, scoring): expand k/v per head and attend ("naive");
-- with a cache (prefill and decode): write c_KV and k_R into the cache, then attend in latent
-  space with W_UK folded into the query and W_UV applied after attention ("absorbed", V2 §2.1.2's
-  note on absorbing W_UK into W_UQ and W_UV into W_O), reading only (C + R) values per cached token.
+- with a cache (prefill and decode): attend in latent space over the cached slots plus this
+  call's own entries, with W_UK folded into the query and W_UV applied after attention
+  ("absorbed", V2 §2.1.2's note on absorbing W_UK into W_UQ and W_UV into W_O), reading only
+  (C + R) values per cached token. The layer returns just its new entries; the caller writes all
+  layers' entries into the cache in place (`write_entries`), so the scan over layers never copies
+  the stacked cache.
 
 Masks: causal within a row plus equal segment ids (packed rows never attend across documents);
 with a cache, a slot is visible to a query iff it holds a token (position >= 0) whose position
@@ -34,10 +37,21 @@ NEG_INF = -1e30
 
 
 class LayerCache(NamedTuple):
-    """One layer's latent cache (stacked over layers by the scan): c_KV and the rotated rope key."""
+    """One layer's latent cache (stacked over layers by the scan): c_KV and the rotated rope key.
+    MLA reads a cache and returns only the new entries in this form ([B, T, ...]);
+    `write_entries` puts them in place."""
 
     c_kv_BSC: jax.Array
     k_rope_BSR: jax.Array
+
+
+def write_entries(cache: Optional[LayerCache], new: Optional[LayerCache], write_index) -> Optional[LayerCache]:
+    """The cache with this call's entries written at `write_index` along the slot axis — one
+    in-place update of the (stacked or single-layer) buffers, so decoding never copies the cache."""
+    if cache is None or new is None:
+        return cache
+    return LayerCache(*(jax.lax.dynamic_update_slice_in_dim(old, entry.astype(old.dtype), write_index, axis=old.ndim - 2)
+                        for old, entry in zip(cache, new)))
 
 
 class CacheView(NamedTuple):
@@ -126,20 +140,29 @@ class MLA(nn.Module):
                 probs_BHTS = _softmax(scores_BHTS * scale, attention_mask(positions_BT, segment_ids_BT), dtype)
                 out_BTHO = jnp.einsum("BHTS,BSHO->BTHO", probs_BHTS, v_BSHO)
             new_cache = None
-        else:  # absorbed: attend over the latent cache
-            new_cache = LayerCache(
-                jax.lax.dynamic_update_slice_in_dim(cache.c_kv_BSC, c_kv_BTC.astype(cache.c_kv_BSC.dtype),
-                                                    view.write_index, axis=1),
-                jax.lax.dynamic_update_slice_in_dim(cache.k_rope_BSR, k_rope_BTR.astype(cache.k_rope_BSR.dtype),
-                                                    view.write_index, axis=1))
+        else:  # absorbed: attend in latent space over the cached slots plus this call's entries
+            new_cache = LayerCache(c_kv_BTC.astype(cache.c_kv_BSC.dtype), k_rope_BTR.astype(cache.k_rope_BSR.dtype))
+            t = x_BTD.shape[1]
             w_uk_CHK, w_uv_CHO = w_kvb_CHX[..., :k], w_kvb_CHX[..., k:]
             q_lat_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope_BTHK, w_uk_CHK)
-            c_kv_BSC = new_cache.c_kv_BSC.astype(dtype)
-            scores_BHTS = (jnp.einsum("BTHC,BSC->BHTS", q_lat_BTHC, c_kv_BSC, preferred_element_type=jnp.float32)
-                           + jnp.einsum("BTHR,BSR->BHTS", q_rope_BTHR, new_cache.k_rope_BSR.astype(dtype),
-                                        preferred_element_type=jnp.float32))
-            probs_BHTS = _softmax(scores_BHTS * scale, attention_mask(positions_BT, None, view.kv_positions_BS), dtype)
-            out_lat_BTHC = jnp.einsum("BHTS,BSC->BTHC", probs_BHTS, c_kv_BSC)
+            c_old_BSC, c_new_BTC = cache.c_kv_BSC.astype(dtype), new_cache.c_kv_BSC.astype(dtype)
+
+            def scores(c_BSC, k_rope_BSR):
+                return (jnp.einsum("BTHC,BSC->BHTS", q_lat_BTHC, c_BSC, preferred_element_type=jnp.float32)
+                        + jnp.einsum("BTHR,BSR->BHTS", q_rope_BTHR, k_rope_BSR.astype(dtype),
+                                     preferred_element_type=jnp.float32))
+
+            slot_S = jnp.arange(cache.c_kv_BSC.shape[1])
+            stale_S = (slot_S >= view.write_index) & (slot_S < view.write_index + t)  # rewritten by this call
+            old_mask_BTS = attention_mask(positions_BT, None, jnp.where(stale_S, -1, view.kv_positions_BS))
+            new_pos_BT = jax.lax.dynamic_slice_in_dim(view.kv_positions_BS, view.write_index, t, axis=1)
+            new_mask_BTT = attention_mask(positions_BT, None, new_pos_BT)
+            probs_BHTX = _softmax(jnp.concatenate([scores(c_old_BSC, cache.k_rope_BSR),
+                                                   scores(c_new_BTC, new_cache.k_rope_BSR)], axis=-1) * scale,
+                                  jnp.concatenate([old_mask_BTS, new_mask_BTT], axis=-1), dtype)
+            s_old = c_old_BSC.shape[1]
+            out_lat_BTHC = (jnp.einsum("BHTS,BSC->BTHC", probs_BHTX[..., :s_old], c_old_BSC)
+                            + jnp.einsum("BHTS,BSC->BTHC", probs_BHTX[..., s_old:], c_new_BTC))
             out_BTHO = jnp.einsum("BTHC,CHO->BTHO", out_lat_BTHC, w_uv_CHO)
 
         out_BTHO = nn.with_logical_constraint(out_BTHO, ("batch", "length", "heads", "head_dim"))

@@ -19,7 +19,7 @@ from flax import linen as nn
 from dsjax.config import ModelConfig
 from dsjax.model.decoder import LayerStack
 from dsjax.model.layers import Dense, Embed, RMSNorm
-from dsjax.model.mla import CacheView, LayerCache
+from dsjax.model.mla import CacheView, LayerCache, write_entries
 from dsjax.model.moe import MoEStats
 from dsjax.model.mtp import MTPModule
 
@@ -102,7 +102,10 @@ class Transformer(nn.Module):
             return logits_BTV
         new_cache = None
         if cache is not None:
-            new_cache = ModelCache(new_dense, new_moe, tuple(mtp_caches) + tuple(cache.mtp[len(mtp_caches):]))
+            w = view.write_index
+            mtp = tuple(write_entries(old, new, w) for old, new in zip(cache.mtp, mtp_caches))
+            new_cache = ModelCache(write_entries(cache.dense, new_dense, w), write_entries(cache.moe, new_moe, w),
+                                   mtp + tuple(cache.mtp[len(mtp_caches):]))
         return ModelOutput(logits_BTV, tuple(mtp_logits), moe_stats, tuple(mtp_stats), hidden_BTD, new_cache)
 
     def mtp_step(self, depth: int, h_prev_BTD, tokens_BT, positions_BT, segment_ids_BT, *, cache: LayerCache,
@@ -115,6 +118,6 @@ class Transformer(nn.Module):
         Call through `apply(variables, depth, ..., method=Transformer.mtp_step)`.
         """
         emb_BTD = self.embed(tokens_BT)
-        h_BTD, normed_BTD, new_cache, _ = self.mtp[depth](h_prev_BTD, emb_BTD, positions_BT, segment_ids_BT, view,
-                                                          cache, None)
-        return h_BTD, self.head(normed_BTD), new_cache
+        h_BTD, normed_BTD, entries, _ = self.mtp[depth](h_prev_BTD, emb_BTD, positions_BT, segment_ids_BT, view,
+                                                        cache, None)
+        return h_BTD, self.head(normed_BTD), write_entries(cache, entries, view.write_index)
