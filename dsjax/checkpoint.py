@@ -10,12 +10,13 @@ data iterator state, resolved config, last metrics, through ``JsonSave``). ``Che
     step0 = 0
     if ckpt.latest_step() is not None:                        # a restart with the same workdir
         state, extra = ckpt.restore(abstract_state=abstract)   # ShapeDtypeStructs with target shardings
-        step0 = extra["step"]; data_iter.set_state(extra["data"])
+        step0 = extra["step"]; data_iter.set_state(extra["data"][jax.process_index()])
     with catch_sigterm():
         for step in range(step0 + 1, horizon + 1):
             state, metrics = train_step(state, next(data_iter))
             stop = step == horizon or preempted()
-            ckpt.save(step, state, {"step": step, "data": data_iter.get_state(), ...}, force=stop)
+            if ckpt.due(step, force=stop):                      # every process's data state, gathered
+                ckpt.save(step, state, {"step": step, "data": allgather_json(data_iter.get_state())}, force=stop)
             if stop:
                 break
     ckpt.close()                                               # waits for the last async save
@@ -139,15 +140,17 @@ class Checkpointer:
             item_handlers={_STATE: _state_handler(), _EXTRA: ocp.JsonCheckpointHandler()},
         )
 
+    def due(self, step: int, *, force: bool = False) -> bool:
+        """Whether `save(step, ..., force=force)` would save (cadence or force, and not saved yet)."""
+        return (force or step % self.every == 0) and step not in self._manager.all_steps()
+
     def save(self, step: int, state: Any, extra: dict, *, force: bool = False) -> bool:
         """Starts saving ``step`` if it is a cadence step or ``force``; returns whether it did.
 
         Returns once the arrays are off the device (they may be donated right after); the files are
         committed in the background. Raises on a bad state/extra and surfaces a failed earlier save.
         """
-        if not (force or step % self.every == 0):
-            return False
-        if step in self._manager.all_steps():
+        if not self.due(step, force=force):
             return False
         _check_state(state)
         try:

@@ -92,7 +92,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     fp8: str = "none"  # "none" | "tensor" | "block"
     kernel_backend: str = "xla_cpu"  # "xla_cpu" | "xla_gpu" | "xla_tpu" | "pallas_gpu"
-    attention: str = "xla"  # "xla" | "cudnn"
+    attention: str = "xla"  # "xla" | "cudnn"   (training / prefill attention core)
+    decode_attention: str = "xla"  # "xla" | "pallas"   (absorbed decode over the latent cache)
     remat: str = "none"  # "none" | "full" | "dots" | "minimal"
     mla: MLAConfig = MLAConfig()
     rope: RopeConfig = RopeConfig()
@@ -219,6 +220,7 @@ _CHOICES = {
     "model.fp8": ("none", "tensor", "block"),
     "model.kernel_backend": ("xla_cpu", "xla_gpu", "xla_tpu", "pallas_gpu"),
     "model.attention": ("xla", "cudnn"),
+    "model.decode_attention": ("xla", "pallas"),
     "model.remat": ("none", "full", "dots", "minimal"),
     "model.rope.scaling": ("none", "yarn"),
     "model.moe.topk_method": ("noaux_tc", "group_limited_greedy", "greedy"),
@@ -291,6 +293,9 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> ModelConfig:
         _check(moe.capacity_factor > 0, f"{prefix}.moe.capacity_factor", "must be positive")
     _check(m.attention == "xla" or m.kernel_backend in ("xla_gpu", "pallas_gpu"), f"{prefix}.attention",
            f"'cudnn' attention needs a GPU kernel_backend, got {m.kernel_backend!r}")
+    _check(m.decode_attention == "xla" or m.kernel_backend in ("xla_gpu", "pallas_gpu", "xla_cpu"),
+           f"{prefix}.decode_attention", f"'pallas' decode attention runs on GPU (or interpreted on CPU), "
+           f"not with kernel_backend {m.kernel_backend!r}")
     _check(m.mtp.num_nextn_predict_layers >= 0, f"{prefix}.mtp.num_nextn_predict_layers", "must be >= 0")
     for name in ("bos_token_id", "eos_token_id"):
         tok = getattr(m, name)

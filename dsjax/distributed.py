@@ -8,10 +8,12 @@ use gloo collectives.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
+import numpy as np
 
 
 def wants_distributed(mode: str, coordinator: Optional[str]) -> bool:
@@ -29,3 +31,21 @@ def maybe_initialize(mode: str = "auto", coordinator: Optional[str] = None, num_
     if jax.config.jax_platforms in (None, "", "cpu") and coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def allgather_json(obj: Any) -> list:
+    """Every process's JSON-serializable `obj`, in process order ([obj] in a single-process run).
+
+    Checkpoints are written by process 0, but each process reads its own data shard: the training
+    loop gathers every process's iterator state into the checkpoint with this, so a multi-host run
+    resumes each shard where it stopped."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(bytes(rows[i, :lengths[i]]).decode()) for i in range(len(lengths))]

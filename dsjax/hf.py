@@ -25,7 +25,7 @@ import json
 import math
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -3,6 +3,8 @@
     train   train-step tokens/s and MFU of a config, and where the step's time goes
     moe     grouped-GEMM and MoE-layer TFLOP/s, expert-parallel all-to-all variants
     decode  absorbed latent-cache vs expanded-cache decode, MTP speculative decoding
+    gmm_blocks  tile sweep of the Pallas grouped-GEMM kernels
+    hf      side by side with transformers (PyTorch): train step and batched generation
 
 Each prints a table and writes JSON under $OUT (when set) or --out.
 """

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -44,14 +43,8 @@ QUICK = dict(hidden=256, ffn=128, experts=16, k=4, shared=1, n_group=4, topk_gro
 
 
 def timeit(fn, *args, repeat=None):
-    import jax
-    repeat = repeat or _REPEAT.value
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / repeat
+    from dsjax.timing import seconds_per_call
+    return seconds_per_call(fn, *args, repeat=repeat or _REPEAT.value)
 
 
 def attempt(fn):

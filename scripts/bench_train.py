@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -28,51 +27,6 @@ _BREAKDOWN = flags.DEFINE_bool("breakdown", True, "also time each block kind alo
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for bench_train.json")
 
 
-def timeit(fn, *args, repeat=5):
-    import jax
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / repeat
-
-
-def step_seconds(config, steps):
-    import jax
-    import numpy as np
-    from dsjax import sharding as shd
-    from dsjax.train import optimizer as opt, state as st
-    from dsjax.train.loop import global_batch
-    from dsjax.train.step import make_train_step
-
-    mesh = shd.make_mesh(config.mesh)
-    optimizer = opt.make_optimizer(config.train)
-    state = st.create(config, optimizer, mesh, 0)
-    step = make_train_step(config, optimizer, mesh, st.shardings(config, optimizer, mesh))
-    b, t = config.train.batch_size, config.data.seq_len
-    r = np.random.RandomState(0)
-    tokens = r.randint(0, config.model.vocab_size, (b, t + 1)).astype(np.int32)
-    local = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((b, t), np.float32),
-             "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
-    with jax.set_mesh(mesh):
-        batch = global_batch(mesh, local)
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t0
-        for _ in range(2):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - t0) / steps
-    return seconds, compile_s, float(metrics["loss"])
-
-
 def breakdown(config):
     """fwd+bwd seconds of one block of each kind at the step's shapes."""
     import jax
@@ -82,6 +36,7 @@ def breakdown(config):
     from dsjax.model.mla import MLA
     from dsjax.model.moe import MoE
     from dsjax.train.loss import token_ce
+    from dsjax.timing import seconds_per_call
 
     c = config.model
     b, t, d = config.train.batch_size, config.data.seq_len, c.hidden_size
@@ -125,7 +80,7 @@ def breakdown(config):
 
         f = jax.jit(jax.grad(loss, argnums=(0, 1)))
         try:
-            out[name] = {"seconds_each": timeit(f, params, x), "count": count}
+            out[name] = {"seconds_each": seconds_per_call(f, params, x), "count": count}
         except Exception as e:  # recorded, not fatal
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}", "count": count}
     return out
@@ -137,6 +92,7 @@ def main(argv):
     import jax
     from dsjax.config import from_config_dict, replace
     from dsjax.train import flops
+    from dsjax.timing import step_seconds
 
     config = from_config_dict(_CONFIG.value, jax.device_count())
     c = config.model

@@ -49,6 +49,6 @@ def build(model_type="deepseek_v3", *, q_lora_rank=16, yarn=False, norm_topk_pro
     return model.float().eval()
 
 
-def logits(model, tokens) -> "numpy.ndarray":
+def logits(model, tokens):
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()

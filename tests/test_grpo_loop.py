@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import presets
-import train_setup
 from dsjax import checkpoint as ckpt_lib
 from dsjax import sharding as shd
 from dsjax.config import ConfigError, MeshConfig, replace

@@ -46,7 +46,7 @@ def np_layer(p, x, c):
     """One dense decoder layer (MLA with direct q + SwiGLU) for one sequence x [T, D]."""
     m = c.mla
     t = x.shape[0]
-    k, r, o, h = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.num_attention_heads
+    k, r = m.qk_nope_head_dim, m.qk_rope_head_dim
     a = p["attn"]
     hx = np_rms(x, p["attn_norm"]["scale"], c.rms_norm_eps)
     q = np.einsum("TD,DHX->THX", hx, a["q"]["kernel"])

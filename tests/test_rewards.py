@@ -1,6 +1,5 @@
 """Rule-based rewards against DESIGN.md's table of rules, fuzzing, and user rewards in workers."""
 
-import math
 import os
 import pathlib
 import sys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -184,7 +185,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process_and_resume_their_own_data_shards(tmp_path):
     port = str(_free_port())
     out = str(tmp_path / "loss.txt")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -193,6 +194,8 @@ def test_two_processes_match_one_process(tmp_path):
     for p in procs:
         log = p.communicate(timeout=400)[0].decode()
         assert p.returncode == 0, log[-3000:]
-    two = float(open(out).read())
+    two, data_state_processes, resumed_equal = ast.literal_eval(open(out).read())
+    assert data_state_processes == [0, 1]  # each process's own iterator state, in order
+    assert resumed_equal  # process 0 resumed its shard from the gathered list
     one, _, _ = _loss_and_grads((2, 2, 2))
     assert abs(two - float(one)) / abs(float(one)) <= MULTIPROCESS_RTOL

@@ -28,8 +28,10 @@ how one fp8 x fp8 product runs (`_fp8_matmul`):
 - "xla_gpu", "pallas_gpu": fp8 operands straight into lax.dot_general with
   precision=DotAlgorithmPreset.ANY_F8_ANY_F8_F32 (cuBLASLt FP8; DEFAULT precision would switch on
   its fast, ~14-bit accumulation that §3.3.2 warns about).
-A block-scaled GPU kernel plugs in at one place, `_block_matmul`, for backend "pallas_gpu"; until
-it exists that backend runs the XLA split-K path. Measured on one H200 (jax 0.11.2, 2026-11-29):
+A block-scaled GPU kernel plugs in at one place, `_block_matmul`: for backend "pallas_gpu" it is
+kernel.py's Pallas Mosaic GPU kernel (all three GEMMs of dense layers; `batched=True` still runs
+the XLA split-K path there, and operands the kernel cannot take fall back to it with a warning;
+"tensor" mode is cuBLASLt as for "xla_gpu"). Measured on one H200 (jax 0.11.2, 2026-11-29):
 all three GEMMs of both modes compile to `__cublas$lt$matmul$f8`; one fp8 product differs from the
 exact product of the same q by 0.5-1.3e-4 relative, independent of K (FP8 tensor-core accumulation
 between promotions); at M, K, N = 8192, 7168, 2048 in bf16, fwd+bwd took 1.16 ms for "none",
@@ -46,12 +48,16 @@ native per-tensor FP8, current scaling, E4M3 for gradients too), not part of Dee
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dsjax.fallbacks import warn_once
 from dsjax.fp8.quantize import quantize_blocks
+
+log = logging.getLogger(__name__)
 
 MODES = ("none", "tensor", "block")
 BACKENDS = ("xla_cpu", "xla_gpu", "xla_tpu", "pallas_gpu")
@@ -92,11 +98,37 @@ def _split_k_matmul(qa_MK, sa_MJ, qb_KN, sb_JN, backend: str) -> jax.Array:
     return acc_MN
 
 
-def _block_matmul(qa_MK, sa_MJ, qb_KN, sb_JN, backend: str) -> jax.Array:
-    """The one GEMM of block mode (all three passes): where a block-scaled GPU kernel plugs in."""
-    # backend == "pallas_gpu": a Pallas Mosaic GPU kernel (K-major fp8 WGMMA, promotion every 128 K,
-    # tested against _split_k_matmul) goes here. Until it exists, the XLA split-K path runs.
-    return _split_k_matmul(qa_MK, sa_MJ, qb_KN, sb_JN, backend)
+def _block_matmul(qa_MK, sa_MJ, qb_KN, sb_JN, backend: str, out_dtype, sb_blocked: bool = False) -> jax.Array:
+    """The one GEMM of block mode (all three passes), in out_dtype: where the GPU kernel plugs in.
+
+    sb_blocked: sb is constant over 128-column blocks (b in 128x128 blocks: forward and dgrad), which
+    lets the kernel promote with one FMA per element; wgrad's per-column sb is not.
+
+    Backend "pallas_gpu" runs kernel.py's Pallas Mosaic GPU kernel (K-major fp8 WGMMA, float32
+    promotion every 128 K) on b^T (for dgrad that is w itself, so XLA's transposes cancel); it is
+    imported here, on first use, so CPU and TPU never import Mosaic GPU. Operands it cannot take
+    fall back to the XLA split-K path with one warning per shape. Other backends run that path.
+    """
+    if backend == "pallas_gpu":
+        _check_gpu(backend)
+        from dsjax.fp8 import kernel
+
+        qb_NK = qb_KN.T
+        reason = kernel.unfit_reason(qa_MK, sa_MJ, qb_NK, sb_JN)
+        if reason is None:
+            return kernel.block_scaled_matmul(qa_MK, sa_MJ, qb_NK, sb_JN, out_dtype, sb_blocked=sb_blocked)
+        warn_once(log, (reason, qa_MK.shape, qb_KN.shape),
+                   f"kernel_backend='pallas_gpu' cannot take the block-scaled GEMM "
+                   f"{qa_MK.shape} @ {qb_KN.shape}: {reason}; using the XLA split-K path")
+    return _split_k_matmul(qa_MK, sa_MJ, qb_KN, sb_JN, backend).astype(out_dtype)
+
+
+def _check_gpu(backend: str):
+    """A clear error for a GPU-only backend elsewhere (validates the config; never picks a backend)."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"kernel_backend {backend!r} runs a Mosaic GPU kernel in fp8 block mode, but "
+                         f"JAX's default backend is {jax.default_backend()!r}; use 'xla_cpu' or 'xla_tpu'")
+
 
 
 def _per_column(scale_JL: jax.Array, n: int) -> jax.Array:
@@ -115,9 +147,10 @@ def _block_fwd(x_MK, w_KN, backend, out_dtype, x_dtype):
     del x_dtype
     qx_MK, sx_MJ = quantize_blocks(x_MK, (1, BLOCK))
     qw_KN, sw_JL = quantize_blocks(w_KN, (BLOCK, BLOCK))
-    y_MN = _block_matmul(qx_MK, sx_MJ, qw_KN, _per_column(sw_JL, w_KN.shape[1]), backend)
+    y_MN = _block_matmul(qx_MK, sx_MJ, qw_KN, _per_column(sw_JL, w_KN.shape[1]), backend, out_dtype,
+                         sb_blocked=True)
     qxt_MK, sxt_IK = quantize_blocks(x_MK, (BLOCK, 1))  # wgrad's 128x1 tiles, cached in fp8
-    return y_MN.astype(out_dtype), (qxt_MK, sxt_IK, w_KN)
+    return y_MN, (qxt_MK, sxt_IK, w_KN)
 
 
 def _block_bwd(backend, out_dtype, x_dtype, res, dy_MN):
@@ -126,10 +159,10 @@ def _block_bwd(backend, out_dtype, x_dtype, res, dy_MN):
     K = w_KN.shape[0]
     qw_KN, sw_JL = quantize_blocks(w_KN, (BLOCK, BLOCK))
     qdy_MN, sdy_ML = quantize_blocks(dy_MN, (1, BLOCK))
-    dx_MK = _block_matmul(qdy_MN, sdy_ML, qw_KN.T, _per_column(sw_JL.T, K), backend)
+    dx_MK = _block_matmul(qdy_MN, sdy_ML, qw_KN.T, _per_column(sw_JL.T, K), backend, x_dtype, sb_blocked=True)
     qdyt_MN, sdyt_IN = quantize_blocks(dy_MN, (BLOCK, 1))
-    dw_KN = _block_matmul(qxt_MK.T, sxt_IK.T, qdyt_MN, sdyt_IN, backend)
-    return dx_MK.astype(x_dtype), dw_KN.astype(w_KN.dtype)
+    dw_KN = _block_matmul(qxt_MK.T, sxt_IK.T, qdyt_MN, sdyt_IN, backend, w_KN.dtype)
+    return dx_MK, dw_KN
 
 
 _block_dot.defvjp(_block_fwd, _block_bwd)
@@ -197,7 +230,14 @@ class Fp8Dot:
             if x.ndim < 2 or w.ndim < 3 or x.shape[0] != w.shape[0]:
                 raise ValueError(f"batched fp8 dot needs x [E, ..., K] and w [E, K, *N] with one E; "
                                  f"got x {x.shape}, w {w.shape}")
-            return jax.vmap(functools.partial(self._dense, out_dtype=out_dtype))(x, w)
+            dense = self
+            if self.mode == "block" and self.backend == "pallas_gpu":
+                _check_gpu(self.backend)
+                # The Pallas kernel has no batching rule; a grouped (expert) variant is future work.
+                warn_once(log, ("batched", self.backend), "kernel_backend='pallas_gpu': batched (expert) "
+                           "block-scaled GEMMs run the XLA split-K path (xla_gpu)")
+                dense = dataclasses.replace(self, backend="xla_gpu")
+            return jax.vmap(functools.partial(dense._dense, out_dtype=out_dtype))(x, w)
         return self._dense(x, w, out_dtype=out_dtype)
 
     def _dense(self, x, w, *, out_dtype):

@@ -34,12 +34,30 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-log = logging.getLogger(__name__)
-_warned: set = set()
+from dsjax.fallbacks import warn_once
 
-# Block shapes: (128, 128, 64), 4 stages, grid_block_n 4 measured 608 TFLOP/s on H200 (anchor J3).
-BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GRID_BLOCK_N = 128, 128, 64, 4, 4
+log = logging.getLogger(__name__)
+
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
+ALIGN = 128  # K and N must be multiples of this; M is padded to it
+
+
+class Blocks(NamedTuple):
+    """One kernel's tiling: output tile m x n, contraction step k, pipeline stages, and how many
+    n-tiles a CTA walks before moving down m (the planar snake's band width)."""
+
+    m: int = 128
+    n: int = 128
+    k: int = 64
+    stages: int = 6
+    grid_block_n: int = 4
+
+
+# scripts/bench_gmm_blocks.py on one H200 (2026-11-29, configs/small.py's expert GEMMs, 98,304 rows
+# over 64 experts): 128x128x64 tiles with 6 stages were best or within 4% of best for all three
+# kernels — forward 546/505, input grad 520/529, weight grad 573/581 TFLOP/s (up/down projection;
+# dense bf16 678/646); 4 stages lose 2-6%, 64-row or 64-column tiles 25-35%.
+FORWARD_BLOCKS = INPUT_GRAD_BLOCKS = WEIGHT_GRAD_BLOCKS = Blocks()
 
 
 class Kernels(NamedTuple):
@@ -79,7 +97,7 @@ grouped.defvjp(_grouped_fwd, _grouped_bwd)
 # ------------------------------------------------------------------------------- Pallas MGPU
 
 
-def _ragged_dot_mgpu(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False):
+def _ragged_dot_mgpu(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False, blocks: Blocks = Blocks()):
     """ragged_dot_mgpu.ragged_dot (jax 0.11, Apache-2.0, the JAX Authors) with empty tiles skipped.
 
     rhs is [G, K, N], or [G, N, K] with transpose_rhs. Output [M, N] in lhs.dtype.
@@ -91,7 +109,7 @@ def _ragged_dot_mgpu(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False):
     m, k = lhs_MK.shape
     g = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    block_m, block_n, block_k = BLOCK_M, BLOCK_N, BLOCK_K
+    block_m, block_n, block_k = blocks.m, blocks.n, blocks.k
 
     def body(rows_per_expert_gmem, lhs_gmem, rhs_gmem, o_gmem):
         grid_m = pl.cdiv(m, block_m) + g - 1
@@ -99,7 +117,7 @@ def _ragged_dot_mgpu(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False):
 
         @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
         def mn_loop(loop_info):
-            mi, ni = plgpu.planar_snake(loop_info.index[0], (grid_m, grid_n), 1, GRID_BLOCK_N)
+            mi, ni = plgpu.planar_snake(loop_info.index[0], (grid_m, grid_n), 1, blocks.grid_block_n)
             group_info = GroupInfo.create(rows_per_expert_gmem, block_m, mi)
 
             def acc_scope(acc_ref):
@@ -114,7 +132,7 @@ def _ragged_dot_mgpu(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False):
                             plgpu.BlockSpec((block_n, block_k) if transpose_rhs else (block_k, block_n),
                                             lambda kk: (ni, kk) if transpose_rhs else (kk, ni), delay_release=1),
                         ],
-                        max_concurrent_steps=STAGES,
+                        max_concurrent_steps=blocks.stages,
                     )(lhs_gmem, rhs_gmem.at[group_info.group_id])
                 return acc_ref[...]
 
@@ -151,20 +169,21 @@ def _ragged_dot_mgpu(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False):
     return kernel(group_sizes_G, lhs_MK, rhs)
 
 
-def _mgpu_forward(x_MK, w_GKN, group_sizes_G):
-    return _ragged_dot_mgpu(x_MK, w_GKN, group_sizes_G)
+def _mgpu_forward(x_MK, w_GKN, group_sizes_G, blocks: Blocks = None):
+    return _ragged_dot_mgpu(x_MK, w_GKN, group_sizes_G, blocks=blocks or FORWARD_BLOCKS)
 
 
-def _mgpu_input_grad(dy_MN, w_GKN, group_sizes_G):
-    return _ragged_dot_mgpu(dy_MN, w_GKN, group_sizes_G, transpose_rhs=True)
+def _mgpu_input_grad(dy_MN, w_GKN, group_sizes_G, blocks: Blocks = None):
+    return _ragged_dot_mgpu(dy_MN, w_GKN, group_sizes_G, transpose_rhs=True, blocks=blocks or INPUT_GRAD_BLOCKS)
 
 
-def _mgpu_weight_grad(x_MK, dy_MN, group_sizes_G):
+def _mgpu_weight_grad(x_MK, dy_MN, group_sizes_G, blocks: Blocks = None):
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
+    b = blocks or WEIGHT_GRAD_BLOCKS
     return transposed_ragged_dot_mgpu.transposed_ragged_dot(
-        x_MK, dy_MN, group_sizes=group_sizes_G, block_m=BLOCK_M, block_n=BLOCK_N, block_k=BLOCK_K,
-        max_concurrent_steps=STAGES, grid_block_n=GRID_BLOCK_N)
+        x_MK, dy_MN, group_sizes=group_sizes_G, block_m=b.m, block_n=b.n, block_k=b.k,
+        max_concurrent_steps=b.stages, grid_block_n=b.grid_block_n)
 
 
 MGPU = Kernels(_mgpu_forward, _mgpu_input_grad, _mgpu_weight_grad)
@@ -175,15 +194,10 @@ def mgpu_unfit_reason(x_MK, w_GKN) -> str | None:
     k, n = w_GKN.shape[1:]
     if x_MK.dtype != w_GKN.dtype or x_MK.dtype not in KERNEL_DTYPES:
         return f"operands {x_MK.dtype}/{w_GKN.dtype} (the kernels take bf16 or f16, both the same)"
-    if k % BLOCK_M or n % BLOCK_N:  # covers BLOCK_K too; K and N are each an output width once
-        return f"K={k}, N={n} (both must be multiples of {BLOCK_M})"
+    if k % ALIGN or n % ALIGN:  # K and N are each an output width once (forward, input grad)
+        return f"K={k}, N={n} (both must be multiples of {ALIGN})"
     return None
 
-
-def _warn_once(key, message):
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message)
 
 
 def gmm(x_MK, w_GKN, group_sizes_G, kind: str = "xla", out_dtype=jnp.float32):
@@ -193,10 +207,10 @@ def gmm(x_MK, w_GKN, group_sizes_G, kind: str = "xla", out_dtype=jnp.float32):
         reason = mgpu_unfit_reason(x_MK, w_GKN)
         if reason is None:
             m = x_MK.shape[0]
-            pad = -m % BLOCK_M
+            pad = -m % ALIGN
             x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
             return grouped(x_pad, w_GKN, group_sizes_G, MGPU)[:m].astype(out_dtype)
-        _warn_once((reason, x_MK.shape, w_GKN.shape),
+        warn_once(log, (reason, x_MK.shape, w_GKN.shape),
                    f"grouped_gemm='pallas_mgpu' cannot take x{x_MK.shape} @ w{w_GKN.shape}: {reason}; "
                    "using jax.lax.ragged_dot")
     elif kind != "xla":

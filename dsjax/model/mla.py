@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsjax.config import ModelConfig
-from dsjax.model import rope
+from dsjax.model import decode_attention, rope
 from dsjax.model.layers import Dense, RMSNorm, dtype_of, init_normal, matmul
 
 NEG_INF = -1e30
@@ -70,6 +70,24 @@ def attention_mask(positions_BT, segment_ids_BT, kv_positions_BS=None):
         same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
         return causal_TS[None] & same_BTS
     return (kv_positions_BS[:, None, :] >= 0) & (kv_positions_BS[:, None, :] <= positions_BT[:, :, None])
+
+
+def _flash_decode(q_lat_BTHC, q_rope_BTHR, positions_BT, cache: LayerCache, old_pos_BS, new_scores_BHTT,
+                  new_mask_BTT, c_new_BTC, scale, interpret):
+    """Absorbed attention with the cached slots read once by the flash-decoding kernel; the call's
+    own T entries are merged in by log-sum-exp. Returns softmax·c_KV [B, T, H, C] in float32."""
+    b, t, h, lat = q_lat_BTHC.shape
+    o_BQC, m_BQ, l_BQ = decode_attention.latent_attention(
+        q_lat_BTHC.reshape(b, t * h, lat), q_rope_BTHR.reshape(b, t * h, -1), jnp.repeat(positions_BT, h, axis=1),
+        cache.c_kv_BSC, cache.k_rope_BSR, old_pos_BS, scale=float(scale), interpret=interpret)
+    o_BTHC, m_BTH, l_BTH = o_BQC.reshape(b, t, h, lat), m_BQ.reshape(b, t, h), l_BQ.reshape(b, t, h)
+    new_BTHU = jnp.where(new_mask_BTT[:, :, None, :], jnp.moveaxis(new_scores_BHTT, 1, 2).astype(jnp.float32), NEG_INF)
+    m_all_BTH = jnp.maximum(m_BTH, new_BTHU.max(axis=-1))
+    p_new_BTHU = jnp.where(new_mask_BTT[:, :, None, :], jnp.exp(new_BTHU - m_all_BTH[..., None]), 0.0)
+    w_old_BTH = jnp.exp(m_BTH - m_all_BTH)
+    o_BTHC = o_BTHC * w_old_BTH[..., None] + jnp.einsum("BTHU,BUC->BTHC", p_new_BTHU, c_new_BTC.astype(jnp.float32))
+    l_BTH = l_BTH * w_old_BTH + p_new_BTHU.sum(axis=-1)
+    return o_BTHC / l_BTH[..., None]
 
 
 def _softmax(scores_BHTS, mask_BTS, dtype):
@@ -154,15 +172,21 @@ class MLA(nn.Module):
 
             slot_S = jnp.arange(cache.c_kv_BSC.shape[1])
             stale_S = (slot_S >= view.write_index) & (slot_S < view.write_index + t)  # rewritten by this call
-            old_mask_BTS = attention_mask(positions_BT, None, jnp.where(stale_S, -1, view.kv_positions_BS))
+            old_pos_BS = jnp.where(stale_S, -1, view.kv_positions_BS)
             new_pos_BT = jax.lax.dynamic_slice_in_dim(view.kv_positions_BS, view.write_index, t, axis=1)
             new_mask_BTT = attention_mask(positions_BT, None, new_pos_BT)
-            probs_BHTX = _softmax(jnp.concatenate([scores(c_old_BSC, cache.k_rope_BSR),
-                                                   scores(c_new_BTC, new_cache.k_rope_BSR)], axis=-1) * scale,
-                                  jnp.concatenate([old_mask_BTS, new_mask_BTT], axis=-1), dtype)
-            s_old = c_old_BSC.shape[1]
-            out_lat_BTHC = (jnp.einsum("BHTS,BSC->BTHC", probs_BHTX[..., :s_old], c_old_BSC)
-                            + jnp.einsum("BHTS,BSC->BTHC", probs_BHTX[..., s_old:], c_new_BTC))
+            b, s_old = c_old_BSC.shape[:2]
+            if c.decode_attention == "pallas" and decode_attention.fits(lat, r, s_old):
+                out_lat_BTHC = _flash_decode(q_lat_BTHC, q_rope_BTHR, positions_BT, cache, old_pos_BS,
+                                             scores(c_new_BTC, new_cache.k_rope_BSR) * scale, new_mask_BTT,
+                                             c_new_BTC, scale, c.kernel_backend == "xla_cpu").astype(dtype)
+            else:
+                old_mask_BTS = attention_mask(positions_BT, None, old_pos_BS)
+                probs_BHTX = _softmax(jnp.concatenate([scores(c_old_BSC, cache.k_rope_BSR),
+                                                       scores(c_new_BTC, new_cache.k_rope_BSR)], axis=-1) * scale,
+                                      jnp.concatenate([old_mask_BTS, new_mask_BTT], axis=-1), dtype)
+                out_lat_BTHC = (jnp.einsum("BHTS,BSC->BTHC", probs_BHTX[..., :s_old], c_old_BSC)
+                                + jnp.einsum("BHTS,BSC->BTHC", probs_BHTX[..., s_old:], c_new_BTC))
             out_BTHO = jnp.einsum("BTHC,CHO->BTHO", out_lat_BTHC, w_uv_CHO)
 
         out_BTHO = nn.with_logical_constraint(out_BTHO, ("batch", "length", "heads", "head_dim"))

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from dsjax import checkpoint as ckpt_lib
 from dsjax import sharding as shd
-from dsjax.config import Config, ConfigError, model_from_dict, replace, to_dict, validate
+from dsjax.config import Config, ConfigError, model_from_dict, replace, validate
 from dsjax.data import heldout_problems, make_tokenizer
 from dsjax.model import ReplayIds
 from dsjax.model.transformer import shift_left
@@ -60,6 +60,7 @@ from dsjax.rl.logprobs import completion_logprobs, gather_logprobs, policy_forwa
 from dsjax.rl.rollout import build_update_batch, decode_completions, encode_prompts, step_problems
 from dsjax.train import state as state_lib
 from dsjax.train.loss import mtp_targets, token_ce
+from dsjax.train.loop import start_workdir
 from dsjax.train.optimizer import make_optimizer
 from dsjax.train.state import TrainState
 
@@ -288,11 +289,7 @@ def train_grpo(config: Config, workdir: str, *, progress: bool = True,
     check_mesh(config, mesh)
     g = config.grpo
     lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(to_dict(config), f, indent=2)
+    metrics_path = start_workdir(workdir, config)
 
     tokenizer = make_tokenizer(config.data.tokenizer)
     if tokenizer.eos_id != config.model.eos_token_id:

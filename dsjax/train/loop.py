@@ -23,6 +23,7 @@ from dsjax import checkpoint as ckpt_lib
 from dsjax import sharding as shd
 from dsjax.config import Config, to_dict, validate
 from dsjax.data import make_tokenizer, make_train_iterator
+from dsjax.distributed import allgather_json
 from dsjax.plotting import plot_metrics
 from dsjax.train import flops, state as state_lib
 from dsjax.train.optimizer import make_optimizer
@@ -49,17 +50,35 @@ def _to_python(metrics: dict) -> dict:
     return out
 
 
+def start_workdir(workdir: str, config: Config) -> str:
+    """Creates the run directory, writes the resolved config.json (process 0) and returns the path
+    of metrics.jsonl (DESIGN.md "Files a run writes")."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(to_dict(config), f, indent=2)
+    return os.path.join(workdir, "metrics.jsonl")
+
+
+def own_data_state(saved) -> dict:
+    """This process's data-iterator state from a checkpoint's list over processes (a checkpoint
+    written before the list existed holds one dict)."""
+    if isinstance(saved, dict):
+        return saved
+    if len(saved) != jax.process_count():
+        raise ValueError(f"the checkpoint's data state comes from {len(saved)} processes and this run has "
+                         f"{jax.process_count()}: each process reads its own data shard, so a run resumes on "
+                         f"the same number of processes")
+    return saved[jax.process_index()]
+
+
 def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
     """Trains from scratch or resumes from workdir; returns the last logged metrics."""
     mesh = mesh or shd.make_mesh(config.mesh)
     config = validate(config, mesh.size)
     t = config.train
     lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if lead:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(to_dict(config), f, indent=2)
+    metrics_path = start_workdir(workdir, config)
 
     tokenizer = make_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
@@ -73,7 +92,7 @@ def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional
     start = 0
     if checkpointer.latest_step() is not None:
         state, extra = checkpointer.restore(abstract_state=state_lib.abstract(config, optimizer, mesh))
-        data.set_state(extra["data"])
+        data.set_state(own_data_state(extra["data"]))
         start = int(extra["step"])
     else:
         state = state_lib.create(config, optimizer, mesh, t.seed)
@@ -111,7 +130,8 @@ def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 last = row
             bar.update(1)
-            checkpointer.save(step, state, {"step": step, "data": data.get_state()}, force=stop)
+            if checkpointer.due(step, force=stop):  # every process's iterator state, gathered
+                checkpointer.save(step, state, {"step": step, "data": allgather_json(data.get_state())}, force=stop)
             if stop:
                 break
     bar.close()

@@ -36,6 +36,7 @@ class TrainState:
 
 
 def _init_boxed(config: Config, optimizer: optax.GradientTransformation, rng):
+    """The TrainState from the real initializer, every leaf boxed with its logical axis names."""
     init_rng, state_rng = jax.random.split(rng)
     tokens = jnp.zeros((1, 8), jnp.int32)
     variables = Transformer(config.model).init(init_rng, tokens)
@@ -46,15 +47,20 @@ def _init_boxed(config: Config, optimizer: optax.GradientTransformation, rng):
     return TrainState(zero, params, opt_state, router, state_rng, zero, zero)
 
 
+def abstract_boxed(config: Config, optimizer):
+    """The TrainState as boxed ShapeDtypeStructs carrying logical names — no mesh, no memory."""
+    return jax.eval_shape(lambda: _init_boxed(config, optimizer, jax.random.PRNGKey(0)))
+
+
 def shardings(config: Config, optimizer, mesh):
     """NamedShardings of the (unboxed) TrainState, from the parameters' logical names."""
-    boxed = jax.eval_shape(lambda: _init_boxed(config, optimizer, jax.random.PRNGKey(0)))
+    boxed = abstract_boxed(config, optimizer)
     return shd.logical_shardings(boxed, mesh, shd.param_rules(config.mesh.fsdp))
 
 
 def abstract(config: Config, optimizer, mesh):
     """ShapeDtypeStructs of the TrainState with their target shardings (for restore and AOT)."""
-    boxed = jax.eval_shape(lambda: _init_boxed(config, optimizer, jax.random.PRNGKey(0)))
+    boxed = abstract_boxed(config, optimizer)
     state_shardings = shd.logical_shardings(boxed, mesh, shd.param_rules(config.mesh.fsdp))
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                   nn.unbox(boxed), state_shardings)

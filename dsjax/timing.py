@@ -1,0 +1,56 @@
+"""Timing for the benchmarks (scripts/bench_*.py): seconds per call of a jitted function after a
+warm-up call, and seconds per step of the library's real training step (jitted, state donated,
+two warm-up steps) on a synthetic batch."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from dsjax import sharding as shd
+from dsjax.config import Config
+from dsjax.train import optimizer as opt, state as st
+from dsjax.train.loop import global_batch
+from dsjax.train.step import make_train_step
+
+
+def seconds_per_call(fn, *args, repeat: int = 5) -> float:
+    """Mean wall seconds of `fn(*args)` over `repeat` calls, after one warm-up call; the outputs
+    are waited for, so asynchronous dispatch is not timed as free."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / repeat
+
+
+def step_seconds(config: Config, steps: int) -> tuple[float, float, float]:
+    """(seconds per step, first-call seconds (compile), last loss) of the library's jitted train step on
+    one random [batch_size, seq_len] batch, from a fresh state on the config's mesh."""
+    mesh = shd.make_mesh(config.mesh)
+    optimizer = opt.make_optimizer(config.train)
+    state = st.create(config, optimizer, mesh, 0)
+    step = make_train_step(config, optimizer, mesh, st.shardings(config, optimizer, mesh))
+    b, t = config.train.batch_size, config.data.seq_len
+    r = np.random.RandomState(0)
+    tokens = r.randint(0, config.model.vocab_size, (b, t + 1)).astype(np.int32)
+    local = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((b, t), np.float32),
+             "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+    with jax.set_mesh(mesh):
+        batch = global_batch(mesh, local)
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t0
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - t0) / steps
+    return seconds, compile_s, float(metrics["loss"])

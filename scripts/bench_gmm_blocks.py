@@ -1,0 +1,88 @@
+"""Tile sweep (GPU) for the three Pallas grouped-GEMM kernels of `moe.grouped_gemm=pallas_mgpu`.
+
+    python scripts/bench.py gmm_blocks [--tokens=16384] [--experts=64] [--topk=6]
+
+For the routed-expert GEMMs of a MoE layer — up/gate ([rows, D] x [E, D, F]) and down
+([rows, F] x [E, F, D]) with rows = tokens · top-k spread unevenly over E experts — times the
+forward, input-gradient and weight-gradient kernels of dsjax/model/grouped_gemm.py under several
+`Blocks` tilings, next to a dense bf16 GEMM of the same FLOPs, and prints TFLOP/s per kernel and
+tiling; the defaults in grouped_gemm.py come from this table. Writes bench_gmm_blocks.json under
+$OUT (when set) or --out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_TOKENS = flags.DEFINE_integer("tokens", 16384, "tokens per MoE layer call")
+_EXPERTS = flags.DEFINE_integer("experts", 64, "routed experts")
+_TOPK = flags.DEFINE_integer("topk", 6, "experts per token")
+_HIDDEN = flags.DEFINE_integer("hidden", 2048, "model width D")
+_FFN = flags.DEFINE_integer("ffn", 1408, "expert width F")
+_REPEAT = flags.DEFINE_integer("repeat", 5, "timed calls after a warm-up")
+_OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for bench_gmm_blocks.json")
+
+# (m, n, k, stages, grid_block_n); invalid or SMEM-overflowing tilings are reported and skipped.
+CANDIDATES = ((128, 128, 64, 4, 4), (128, 128, 64, 6, 4), (128, 128, 128, 3, 4), (128, 128, 64, 4, 8),
+              (64, 128, 64, 6, 4), (128, 64, 128, 4, 4))
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from dsjax.model import grouped_gemm as gg
+    from dsjax.timing import seconds_per_call
+
+    rows, e = _TOKENS.value * _TOPK.value, _EXPERTS.value
+    r = np.random.RandomState(0)
+    load = r.dirichlet(np.full(e, 4.0))  # uneven, no empty expert on average
+    sizes = np.floor(load * rows).astype(np.int32)
+    sizes[-1] += rows - sizes.sum()
+    sizes_G = jnp.asarray(sizes)
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows, "experts": e,
+              "shapes": {}}
+    for name, (k, n) in (("up", (_HIDDEN.value, _FFN.value)), ("down", (_FFN.value, _HIDDEN.value))):
+        keys = jax.random.split(jax.random.key(1), 3)
+        x_MK = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
+        w_GKN = (jax.random.normal(keys[1], (e, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+        dy_MN = jax.random.normal(keys[2], (rows, n), jnp.bfloat16)
+        flops = 2.0 * rows * k * n
+        dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+        dense_tflops = flops / seconds_per_call(dense, x_MK, w_GKN[0], repeat=_REPEAT.value) / 1e12
+        rows_out = {"dense_tflops": dense_tflops, "kernels": {}}
+        print(f"{name}: [{rows}, {k}] x [{e}, {k}, {n}]  dense bf16 {dense_tflops:.0f} TFLOP/s", flush=True)
+        for kernel, fn, args in (
+                ("forward", gg._mgpu_forward, (x_MK, w_GKN, sizes_G)),
+                ("input_grad", gg._mgpu_input_grad, (dy_MN, w_GKN, sizes_G)),
+                ("weight_grad", gg._mgpu_weight_grad, (x_MK, dy_MN, sizes_G))):
+            cells = {}
+            for cand in CANDIDATES:
+                blocks = gg.Blocks(*cand)
+                try:
+                    f = jax.jit(lambda *a, fn=fn, blocks=blocks: fn(*a, blocks=blocks))
+                    tflops = flops / seconds_per_call(f, *args, repeat=_REPEAT.value) / 1e12
+                    cells[str(cand)] = round(tflops, 1)
+                except Exception as exc:  # an invalid tiling is a row of the table, not a crash
+                    cells[str(cand)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            best = max((v, c) for c, v in cells.items() if isinstance(v, float)) if any(
+                isinstance(v, float) for v in cells.values()) else (0.0, "-")
+            rows_out["kernels"][kernel] = {"tilings": cells, "best": best[1], "best_tflops": best[0]}
+            print(f"  {kernel:12s} best {best[1]} {best[0]:.0f} TFLOP/s ({best[0] / dense_tflops:.2f}x dense)", flush=True)
+            for cand, v in cells.items():
+                print(f"      {cand:24s} {v if isinstance(v, str) else f'{v:.0f}'}", flush=True)
+        result["shapes"][name] = rows_out
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "bench_gmm_blocks.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
