@@ -85,3 +85,28 @@ def test_model_decode_with_the_kernel_equals_the_xla_path():
     worst = np.abs(logits["pallas"] - logits["xla"])[real].max()
     print(f"max |pallas - xla| logit difference: {worst:.2e}")
     assert worst <= 1e-4
+
+
+def test_sharded_call_over_a_mesh_equals_one_device():
+    """Under a (2, 2, 2) mesh the kernel runs per device on its batch rows (shard_map over
+    ('data', 'expert')) and gives the single-device result."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from dsjax import sharding as shd
+    from dsjax.config import MeshConfig
+
+    r = np.random.RandomState(7)
+    b, rows, c, rope, slots = 8, 16, 32, 16, 128
+    args = [r.randn(b, rows, c).astype(np.float32), r.randn(b, rows, rope).astype(np.float32),
+            np.full((b, rows), slots, np.int32), r.randn(b, slots, c).astype(np.float32),
+            r.randn(b, slots, rope).astype(np.float32), np.tile(np.arange(slots, dtype=np.int32), (b, 1))]
+    args[5][:, -7:] = -1
+    one = decode_attention.latent_attention(*args, scale=0.2, interpret=True)
+    mesh = shd.make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+    placed = [jax.device_put(a, NamedSharding(mesh, P(("data", "expert")))) for a in args]
+    with jax.set_mesh(mesh):
+        fn = jax.jit(lambda *a: decode_attention.sharded_latent_attention(*a, scale=0.2, interpret=True))
+        assert "shard_map" in str(jax.make_jaxpr(fn)(*placed))
+        many = fn(*placed)
+    for x, y in zip(many, one):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)

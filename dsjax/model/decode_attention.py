@@ -13,9 +13,10 @@ pieces, so the caller can fold in attention to the call's own new entries the sa
 Written for Pallas' Triton backend (runs on NVIDIA GPUs; `interpret=True` runs the same kernel
 on CPU, which is how the tests check it). Limits: C and R powers of two >= 16, the slot count a
 multiple of `BLOCK_S`; query rows are padded to a power of two >= 16 (at most `MAX_ROWS` per
-tile). `fits` says whether a call qualifies; mla.py keeps its XLA path otherwise. Under a mesh of
-several devices XLA cannot partition the kernel's custom call and runs it on gathered operands:
-multi-device serving keeps decode_attention="xla" for now.
+tile). `fits` says whether a call qualifies; mla.py keeps its XLA path otherwise. XLA cannot
+partition the kernel's custom call, so under a mesh of several devices `sharded_latent_attention`
+runs it in a shard_map over the batch axes ('data', 'expert'), each device on its own rows of the
+batch-sharded cache (query rows are gathered over 'tensor': they are small).
 
 Masks: a slot is visible to query row r iff it holds a token (position >= 0) whose position is
 <= the row's query position — the same rule as `mla.attention_mask`.
@@ -24,9 +25,13 @@ Masks: a slot is visible to query row r iff it holds a token (position >= 0) who
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec as P
+
+from dsjax.sharding import BATCH
 
 BLOCK_S = 64  # slots per inner step
 MAX_ROWS = 32  # query rows one program holds (its accumulator [rows, C] lives in registers)
@@ -143,3 +148,19 @@ def latent_attention(q_lat_BQC, q_rope_BQR, q_pos_BQ, c_BSC, kr_BSR, kv_pos_BS, 
     o_BQC = (o_BJQC * w_BJQ[..., None]).sum(axis=1)
     l_BQ = (l_BJQ * w_BJQ).sum(axis=1)
     return o_BQC[:, :q], m_BQ[:, :q], l_BQ[:, :q]
+
+
+def sharded_latent_attention(q_lat_BQC, q_rope_BQR, q_pos_BQ, c_BSC, kr_BSR, kv_pos_BS, *, scale: float,
+                             interpret: bool = False):
+    """`latent_attention` on the active mesh: per device over its batch rows when the mesh has
+    several devices and the batch divides over ('data', 'expert'); the plain call otherwise."""
+    call = functools.partial(latent_attention, scale=scale, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or any(t == AxisType.Manual for t in mesh.axis_types):
+        return call(q_lat_BQC, q_rope_BQR, q_pos_BQ, c_BSC, kr_BSR, kv_pos_BS)
+    batch_axes = tuple(a for a in BATCH if a in mesh.axis_names)
+    if q_lat_BQC.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
+        return call(q_lat_BQC, q_rope_BQR, q_pos_BQ, c_BSC, kr_BSR, kv_pos_BS)
+    rows = P(batch_axes)
+    return jax.shard_map(call, mesh=mesh, in_specs=(rows,) * 6, out_specs=(rows,) * 3, check_vma=False)(
+        q_lat_BQC, q_rope_BQR, q_pos_BQ, c_BSC, kr_BSR, kv_pos_BS)

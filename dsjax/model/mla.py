@@ -77,7 +77,7 @@ def _flash_decode(q_lat_BTHC, q_rope_BTHR, positions_BT, cache: LayerCache, old_
     """Absorbed attention with the cached slots read once by the flash-decoding kernel; the call's
     own T entries are merged in by log-sum-exp. Returns softmax·c_KV [B, T, H, C] in float32."""
     b, t, h, lat = q_lat_BTHC.shape
-    o_BQC, m_BQ, l_BQ = decode_attention.latent_attention(
+    o_BQC, m_BQ, l_BQ = decode_attention.sharded_latent_attention(
         q_lat_BTHC.reshape(b, t * h, lat), q_rope_BTHR.reshape(b, t * h, -1), jnp.repeat(positions_BT, h, axis=1),
         cache.c_kv_BSC, cache.k_rope_BSR, old_pos_BS, scale=float(scale), interpret=interpret)
     o_BTHC, m_BTH, l_BTH = o_BQC.reshape(b, t, h, lat), m_BQ.reshape(b, t, h), l_BQ.reshape(b, t, h)
