@@ -206,6 +206,27 @@ class Checkpointer:
                 f"abstract_state: {type(e).__name__}: {e}") from e
         return out[_STATE], out[_EXTRA]
 
+    def restore_parts(self, step: int | None = None, *, abstract_parts: dict) -> tuple[dict, dict]:
+        """Loads only some top-level fields of the saved state (e.g. ``{"params": ..., "router": ...}``
+        as ShapeDtypeStructs with shardings) plus ``extra``. Nothing else is read, so inference can
+        load any run's weights whatever optimizer (pretraining, GRPO) wrote its state."""
+        steps = self.steps()
+        step = steps[-1] if step is None and steps else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}; "
+                                    f"committed steps: {steps}")
+        abstract_parts = _check_abstract(abstract_parts)
+        restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract_parts)
+        try:
+            parts = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+                self.directory / str(step) / _STATE,
+                args=ocp.args.PyTreeRestore(item=abstract_parts, restore_args=restore_args, partial_restore=True))
+            extra = self._manager.restore(step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))[_EXTRA]
+        except Exception as e:
+            raise RuntimeError(f"checkpoint step {step} in {self.directory / str(step)} could not be restored "
+                               f"onto fields {sorted(abstract_parts)}: {type(e).__name__}: {e}") from e
+        return parts, extra
+
     def wait(self) -> None:
         """Blocks until the pending async save is committed; raises if it failed."""
         with self._forget_failed_saves():

@@ -1,12 +1,14 @@
 """GRPO (DeepSeek-R1's RL stage) on the embedded arithmetic task, from a scripts/train.py checkpoint.
 
-    python scripts/train.py --config=configs/tiny.py --workdir=/tmp/dsjax-pre
+    python scripts/train.py --config=configs/tiny.py --workdir=/tmp/dsjax-pre \
+        --config.train.steps=3000 --config.train.stop_at_step=2000
     python scripts/grpo.py --config=configs/grpo_tiny.py --workdir=/tmp/dsjax-grpo \
         --config.grpo.init_checkpoint=/tmp/dsjax-pre [--config.grpo.steps=200]
 
 The model comes from the init checkpoint's config.json and checkpoints/; `--config.grpo.*` and
 `--config.data.*` (the task's difficulty) apply to this run. Re-running with the same workdir
 resumes. Writes metrics.jsonl, grpo.png (reward, rollout and held-out accuracy) and checkpoints/.
+configs/grpo_tiny.py explains the recipe; BENCHMARKS.md ("GRPO on CPU") has its measured run.
 """
 
 from __future__ import annotations

@@ -192,3 +192,19 @@ def test_resume_gives_the_same_next_step(runs):
         for k in sorted(keys):
             np.testing.assert_allclose(a[k], b[k], rtol=RESUME_RTOL, err_msg=f"step {b['step']} {k}")
     assert resumed[2]["heldout_accuracy"] == uninterrupted[2]["heldout_accuracy"]
+
+
+def test_a_grpo_workdir_loads_for_generation(runs):
+    """load_workdir (scripts/generate.py) reads a GRPO run's weights, although its optimizer state
+    differs from pretraining's: only params and the router bias are read."""
+    config, stopped, _, _ = runs
+    mesh = shd.make_mesh(config.mesh)
+    config = loop.resolve_config(config, mesh.size)
+    optimizer = loop.make_grpo_optimizer(config)
+    with ckpt_lib.Checkpointer(os.path.join(stopped, "checkpoints"), keep=5) as ckpt:
+        saved, _ = ckpt.restore(2, abstract_state=state_lib.abstract(config, optimizer, mesh))
+    _, variables, step = state_lib.load_workdir(stopped)
+    assert step == 2
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(saved.variables())),
+                    jax.tree_util.tree_leaves(jax.device_get(variables))):
+        np.testing.assert_array_equal(a, b)

@@ -60,6 +60,12 @@ def _splits(programs: int, slots: int) -> int:
     return max(pow2 or divisors)
 
 
+def _block(i):
+    """The i-th BLOCK_S slots of a program's split."""
+    from jax.experimental import pallas as pl
+    return pl.ds(pl.multiple_of(i * BLOCK_S, BLOCK_S), BLOCK_S)
+
+
 def _kernel(q_lat_ref, q_rope_ref, q_pos_ref, c_ref, kr_ref, kv_pos_ref, o_ref, m_ref, l_ref, *, scale, steps):
     from jax.experimental.pallas import triton as plgpu
 
@@ -70,7 +76,7 @@ def _kernel(q_lat_ref, q_rope_ref, q_pos_ref, c_ref, kr_ref, kv_pos_ref, o_ref, 
 
     def body(i, carry):
         o_QC, m_Q, l_Q = carry
-        s = pl_ds(i * BLOCK_S)
+        s = _block(i)
         c_SC = c_ref[s, :]
         scores_QS = (plgpu.dot(q_lat_QC, c_SC, trans_b=True)
                      + plgpu.dot(q_rope_QR, kr_ref[s, :], trans_b=True)) * scale
@@ -90,11 +96,6 @@ def _kernel(q_lat_ref, q_rope_ref, q_pos_ref, c_ref, kr_ref, kv_pos_ref, o_ref, 
     o_ref[...] = o_QC
     m_ref[...] = m_Q
     l_ref[...] = l_Q
-
-
-def pl_ds(start):
-    from jax.experimental import pallas as pl
-    return pl.ds(pl.multiple_of(start, BLOCK_S), BLOCK_S)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))

@@ -75,9 +75,10 @@ def create(config: Config, optimizer, mesh, seed: int) -> TrainState:
 
 
 def load_workdir(workdir: str, mesh=None, step=None):
-    """(Config, variables, step) of a run directory scripts/train.py (or convert_hf.py) wrote:
-    config.json plus the TrainState in checkpoints/, restored onto `mesh` (default: all devices
-    on the data axis)."""
+    """(Config, variables, step) of a run directory scripts/train.py, scripts/grpo.py (or
+    convert_hf.py) wrote: config.json plus the parameters and router bias of the TrainState in
+    checkpoints/, restored onto `mesh` (default: all devices on the data axis). The optimizer
+    state is not read, so the run's optimizer does not matter."""
     import json
     import os
 
@@ -93,8 +94,9 @@ def load_workdir(workdir: str, mesh=None, step=None):
     if mesh is None:
         config = replace(config, mesh=MeshConfig())
         mesh = shd.make_mesh(config.mesh)
-    optimizer = make_optimizer(config.train)
+    full = abstract(config, make_optimizer(config.train), mesh)  # only its params and router are read
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000)
-    state, extra = checkpointer.restore(step, abstract_state=abstract(config, optimizer, mesh))
+    wanted = {"params": full.params, **({"router": full.router} if full.router else {})}
+    parts, extra = checkpointer.restore_parts(step, abstract_parts=wanted)
     checkpointer.close()
-    return config, state.variables(), int(extra["step"])
+    return config, {"params": parts["params"], **parts.get("router", {})}, int(extra["step"])
