@@ -18,3 +18,8 @@ def warn_once(log: logging.Logger, key: Hashable, message: str) -> None:
     if key not in _seen:
         _seen.add(key)
         log.warning(message)
+
+
+def forget() -> None:
+    """Forgets every cause seen, so the next fallback warns again (tests)."""
+    _seen.clear()

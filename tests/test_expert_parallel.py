@@ -20,7 +20,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from dsjax import sharding as shd
+from dsjax import fallbacks, sharding as shd
 from dsjax.config import ModelConfig, MoEConfig, replace
 from dsjax.model import expert_parallel, grouped_gemm
 from dsjax.model.moe import MoE
@@ -183,7 +183,7 @@ def test_kernel_backend_on_a_data_mesh_falls_back_inside_shard_map(caplog):
     variables, x = init(config)
     replay = skewed_ids()
     want = layer_outputs(CONFIG, variables, x, replay)
-    grouped_gemm._warned.clear()
+    fallbacks.forget()
     with caplog.at_level(logging.WARNING, logger=grouped_gemm.__name__):
         got, _ = layer_outputs(config, variables, x, replay, make_mesh((4, 1, 2)))
     assert_agree(want, got)
@@ -231,7 +231,7 @@ def test_gmm_falls_back_on_shapes_the_kernel_cannot_take(caplog):
     group_sizes = jnp.array([3, 5], jnp.int32)
     assert grouped_gemm.mgpu_unfit_reason(x, w) is not None
     assert grouped_gemm.mgpu_unfit_reason(x.astype(jnp.bfloat16), jnp.zeros((2, 256, 128), jnp.bfloat16)) is None
-    grouped_gemm._warned.clear()
+    fallbacks.forget()
     with caplog.at_level(logging.WARNING, logger=grouped_gemm.__name__):
         got = grouped_gemm.gmm(x, w, group_sizes, "pallas_mgpu")
         grouped_gemm.gmm(x, w, group_sizes, "pallas_mgpu")
