@@ -16,6 +16,7 @@ holding their experts and runs the same grouped FFN (`ffn_grouped`, `capacity_ff
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -43,15 +44,57 @@ def dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
     return jnp.einsum("NED,NE->ND", y_NED, combine_NE), jnp.zeros((), jnp.int32)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def sort_rows(x_ND, order_M, inverse_M, k: int):
+    """Row i of the result is token order_M[i] // k: the (token, slot) pairs in expert order, [N·k, D].
+
+    A gather both ways: the gradient gathers back by the inverse permutation and sums each token's
+    k copies, where autodiff of a gather would scatter-add into [N, D]."""
+    return jnp.take(x_ND, order_M // k, axis=0)
+
+
+def _sort_rows_fwd(x_ND, order_M, inverse_M, k):
+    return sort_rows(x_ND, order_M, inverse_M, k), (order_M, inverse_M)
+
+
+def _sort_rows_bwd(k, res, g_MD):
+    _, inverse_M = res
+    g_NKD = jnp.take(g_MD, inverse_M, axis=0).reshape(inverse_M.shape[0] // k, k, -1)
+    return g_NKD.astype(jnp.float32).sum(1).astype(g_MD.dtype), None, None
+
+
+sort_rows.defvjp(_sort_rows_fwd, _sort_rows_bwd)
+
+
+@jax.custom_vjp
+def unsort_rows(y_MD, order_M, inverse_M):
+    """Expert-ordered rows back in (token, slot) order: y_MD[inverse_M]; the gradient is the gather
+    y[order_M] (a permutation), not autodiff's scatter."""
+    return jnp.take(y_MD, inverse_M, axis=0)
+
+
+def _unsort_rows_fwd(y_MD, order_M, inverse_M):
+    return unsort_rows(y_MD, order_M, inverse_M), (order_M, inverse_M)
+
+
+def _unsort_rows_bwd(res, g_MD):
+    order_M, _ = res
+    return jnp.take(g_MD, order_M, axis=0), None, None
+
+
+unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
+
+
 def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla"):
     n, k = ids_NK.shape
     e = w_gate_EDF.shape[0]
     flat_ids_M = ids_NK.reshape(-1)
-    order_M = jnp.argsort(flat_ids_M, stable=True)
-    x_MD = jnp.take(x_ND, order_M // k, axis=0)
+    order_M = jnp.argsort(flat_ids_M, stable=True).astype(jnp.int32)
+    inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(n * k, dtype=jnp.int32))
+    x_MD = sort_rows(x_ND, order_M, inverse_M, k)
     group_sizes_E = jnp.bincount(flat_ids_M, length=e).astype(jnp.int32)
     y_MD = ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm)
-    y_MD = jnp.zeros_like(y_MD).at[order_M].set(y_MD)  # unsort back to (token, slot) order
+    y_MD = unsort_rows(y_MD, order_M, inverse_M)  # back to (token, slot) order
     y_ND = (y_MD.reshape(n, k, -1) * weights_NK[..., None]).sum(1)
     return y_ND, jnp.zeros((), jnp.int32)
 
