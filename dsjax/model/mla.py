@@ -163,7 +163,7 @@ class MLA(nn.Module):
             t = x_BTD.shape[1]
             w_uk_CHK, w_uv_CHO = w_kvb_CHX[..., :k], w_kvb_CHX[..., k:]
             q_lat_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope_BTHK, w_uk_CHK)
-            c_old_BSC, c_new_BTC = cache.c_kv_BSC.astype(dtype), new_cache.c_kv_BSC.astype(dtype)
+            c_new_BTC = new_cache.c_kv_BSC.astype(dtype)
 
             def scores(c_BSC, k_rope_BSR):
                 return (jnp.einsum("BTHC,BSC->BHTS", q_lat_BTHC, c_BSC, preferred_element_type=jnp.float32)
@@ -175,12 +175,13 @@ class MLA(nn.Module):
             old_pos_BS = jnp.where(stale_S, -1, view.kv_positions_BS)
             new_pos_BT = jax.lax.dynamic_slice_in_dim(view.kv_positions_BS, view.write_index, t, axis=1)
             new_mask_BTT = attention_mask(positions_BT, None, new_pos_BT)
-            b, s_old = c_old_BSC.shape[:2]
+            s_old = cache.c_kv_BSC.shape[1]
             if c.decode_attention == "pallas" and decode_attention.fits(lat, r, s_old):
                 out_lat_BTHC = _flash_decode(q_lat_BTHC, q_rope_BTHR, positions_BT, cache, old_pos_BS,
                                              scores(c_new_BTC, new_cache.k_rope_BSR) * scale, new_mask_BTT,
                                              c_new_BTC, scale, c.kernel_backend == "xla_cpu").astype(dtype)
             else:
+                c_old_BSC = cache.c_kv_BSC.astype(dtype)
                 old_mask_BTS = attention_mask(positions_BT, None, old_pos_BS)
                 probs_BHTX = _softmax(jnp.concatenate([scores(c_old_BSC, cache.k_rope_BSR),
                                                        scores(c_new_BTC, new_cache.k_rope_BSR)], axis=-1) * scale,

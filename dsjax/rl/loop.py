@@ -60,7 +60,8 @@ from dsjax.rl.logprobs import completion_logprobs, gather_logprobs, policy_forwa
 from dsjax.rl.rollout import build_update_batch, decode_completions, encode_prompts, step_problems
 from dsjax.train import state as state_lib
 from dsjax.train.loss import mtp_targets, token_ce
-from dsjax.train.loop import start_workdir
+from dsjax.train.loop import start_workdir, to_python
+from dsjax.train.step import apply_if_finite, sum_over_chunks
 from dsjax.train.optimizer import make_optimizer
 from dsjax.train.state import TrainState
 
@@ -193,23 +194,8 @@ def update_step(config: Config, optimizer, state: TrainState, rows, replay, old_
         chunk = lambda x: None if x is None else split_rows(x, m)  # noqa: E731
         xs = (jax.tree_util.tree_map(chunk, rows), split_replay(replay, m), chunk(old_logp), chunk(ref_logp),
               chunk(adv))
-
-        def body(acc, x):
-            (_, aux), g = grad_fn(state.params, *x)
-            return jax.tree_util.tree_map(jnp.add, acc, (aux, g)), None
-
-        zero = jax.eval_shape(lambda: grad_fn(state.params, *jax.tree_util.tree_map(lambda a: a[0], xs)))
-        init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[0][1], zero[1]))
-        ((loss, sums), grads), _ = jax.lax.scan(body, init, xs)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = state.replace(
-        step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
-        skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
-        consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32))
+        (_, (loss, sums)), grads = sum_over_chunks(lambda x: grad_fn(state.params, *x), xs)
+    new_state, grad_norm = apply_if_finite(optimizer, state, grads, loss)  # router bias frozen during RL
     denom = jnp.maximum(num_tokens, 1.0)
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped_steps": new_state.skipped,
                **{k: v if k == "mtp_loss" else v / denom for k, v in sums.items()}}
@@ -275,10 +261,6 @@ def evaluate(config: Config, variables, tokenizer, problems) -> dict:
 
 
 # ------------------------------------------------------------------------------ loop
-
-
-def _to_python(metrics: dict) -> dict:
-    return {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
 
 
 def train_grpo(config: Config, workdir: str, *, progress: bool = True,
@@ -366,7 +348,7 @@ def train_grpo(config: Config, workdir: str, *, progress: bool = True,
             for _ in range(g.num_iterations):
                 state, metrics = update_fn(state, rows, replay, old_logp, ref_logp, adv)
                 history.append(metrics)
-            history = [_to_python(m) for m in history]
+            history = [to_python(m) for m in history]
             t4 = time.perf_counter()
 
             stop = step == horizon or ckpt_lib.preempted()

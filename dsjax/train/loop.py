@@ -42,7 +42,8 @@ def global_batch(mesh, local: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in BATCH_KEYS}
 
 
-def _to_python(metrics: dict) -> dict:
+def to_python(metrics: dict) -> dict:
+    """Device metrics as JSON-ready Python numbers (vectors as lists rounded to 4 places)."""
     out = {}
     for k, v in jax.device_get(metrics).items():
         v = np.asarray(v)
@@ -117,7 +118,7 @@ def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional
                     f"(train.max_consecutive_skips={t.max_consecutive_skips}); params are those of the last good step")
             stop = step == horizon or ckpt_lib.preempted()
             if step % t.log_every == 0 or stop:
-                row = {"step": step, **_to_python(metrics)}
+                row = {"step": step, **to_python(metrics)}
                 seconds = (time.perf_counter() - window_start) / window_steps
                 row["tokens_per_s"] = tokens_per_step / seconds
                 if not on_cpu:

@@ -49,43 +49,50 @@ def loss_and_grads(config: Config, params, router, batch):
     if m == 1:
         (_, (parts, moe_load, mtp_load)), grads = grad_fn(params, batch)
         return parts, moe_load, mtp_load, grads
-
     micro = jax.tree_util.tree_map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
-
-    def body(acc, mb):
-        (_, aux), g = grad_fn(params, mb)
-        return jax.tree_util.tree_map(jnp.add, acc, (aux, g)), None
-
-    first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    (_, aux0), g0 = grad_fn(params, first)
-    rest = jax.tree_util.tree_map(lambda x: x[1:], micro)
-    (aux, grads), _ = jax.lax.scan(body, (aux0, g0), rest)
-    parts, moe_load, mtp_load = aux
+    (_, (parts, moe_load, mtp_load)), grads = sum_over_chunks(lambda mb: grad_fn(params, mb), micro)
     parts = parts._replace(mtp_ce=parts.mtp_ce / m, balance=parts.balance / m)
     return parts, moe_load, mtp_load, grads
 
 
-def train_step(config: Config, optimizer: optax.GradientTransformation, state: TrainState, batch):
-    parts, moe_load, mtp_load, grads = loss_and_grads(config, state.params, state.router, batch)
+def sum_over_chunks(fn, chunks):
+    """Σ_i fn(chunk_i) over the leading axis of every leaf of `chunks` (None leaves stay None), as a
+    scan, so one chunk's activations are live at a time: gradient accumulation over microbatches."""
+    first = fn(jax.tree_util.tree_map(lambda x: x[0], chunks))
+    rest = jax.tree_util.tree_map(lambda x: x[1:], chunks)
+    total, _ = jax.lax.scan(lambda acc, c: (jax.tree_util.tree_map(jnp.add, acc, fn(c)), None), first, rest)
+    return total
+
+
+def apply_if_finite(optimizer: optax.GradientTransformation, state: TrainState, grads, loss, *, router=None,
+                    rng=None) -> tuple[TrainState, jax.Array]:
+    """The optimizer step (and, when given, the new router bias and rng) unless the loss or the
+    gradient norm is non-finite; then params, optimizer state and router stay bit-identical. The
+    step counter advances and skips are counted either way. Returns (state, gradient norm)."""
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(parts.total) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    new_router = balance.update_router(state.router, moe_load, mtp_load, config.train.bias_update_rate)
 
     def keep(new, old):
         return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-    skipped = jnp.where(finite, 0, 1).astype(jnp.int32)
-    new_state = TrainState(
+    return state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
-        router=keep(new_router, state.router),
-        rng=jax.random.fold_in(state.rng, state.step),
-        skipped=state.skipped + skipped,
+        router=state.router if router is None else keep(router, state.router),
+        rng=state.rng if rng is None else rng,
+        skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
         consecutive_skips=jnp.where(finite, 0, state.consecutive_skips + 1).astype(jnp.int32),
-    )
+    ), grad_norm
+
+
+def train_step(config: Config, optimizer: optax.GradientTransformation, state: TrainState, batch):
+    parts, moe_load, mtp_load, grads = loss_and_grads(config, state.params, state.router, batch)
+    new_router = balance.update_router(state.router, moe_load, mtp_load, config.train.bias_update_rate)
+    new_state, grad_norm = apply_if_finite(optimizer, state, grads, parts.total, router=new_router,
+                                           rng=jax.random.fold_in(state.rng, state.step))
     metrics = {
         "loss": parts.ce_sum / jnp.maximum(parts.tokens, 1.0),
         "total_loss": parts.total,
