@@ -3,6 +3,7 @@
     train   train-step tokens/s and MFU of a config, and where the step's time goes
     moe     grouped-GEMM and MoE-layer TFLOP/s, expert-parallel all-to-all variants
     decode  absorbed latent-cache vs expanded-cache decode, MTP speculative decoding
+    decode_attention  the flash-decoding kernel alone vs XLA's absorbed attention
     gmm_blocks  tile sweep of the Pallas grouped-GEMM kernels
     hf      side by side with transformers (PyTorch): train step and batched generation
 
