@@ -48,4 +48,5 @@ def get_config():
     c.train.steps = 1000
     c.train.learning_rate = 3e-4
     c.train.warmup_steps = 100
+    c.train.bf16_moments = True  # both AdamW moments in bf16, as DeepSeek-V3 (§3.3.3); the peer's are bf16 too
     return c

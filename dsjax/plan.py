@@ -7,7 +7,7 @@ Analytic (`analytic`, no devices needed; mesh sizes come from config.mesh, no -1
 - State: every TrainState leaf of the real initializer (jax.eval_shape, no memory) is placed by its
   logical names through `sharding.param_rules(mesh.fsdp)`; a leaf holds, per device,
   itemsize · Π_dims ceil(dim / Π sizes of the mesh axes on that dim) bytes (XLA pads uneven
-  shards). Parameters are param_dtype; AdamW's mu is bf16 with train.bf16_moments, nu param_dtype.
+  shards). Parameters are param_dtype; AdamW's two moments are bf16 with train.bf16_moments.
 - Gradients: jax.grad of the param_dtype master weights gives one parameter-sized copy in the
   parameters' layout; with train.microbatches > 1 the accumulation scan holds two (sum + current).
 - Activations of one microbatch, n = batch / (data·expert·microbatches) · seq_len tokens per device,
@@ -388,7 +388,7 @@ KNOBS = (  # tried cumulatively, cheapest first: (label, config changes)
     ("fsdp", {"mesh.fsdp": True}),
     ("pallas grouped GEMM", {"model.moe.grouped_gemm": "pallas_mgpu"}),
     ("cudnn attention", {"model.attention": "cudnn"}),
-    ("bf16 first moment", {"train.bf16_moments": True}),
+    ("bf16 moments", {"train.bf16_moments": True}),
 )
 
 

@@ -27,9 +27,10 @@ def seconds_per_call(fn, *args, repeat: int = 5) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def step_seconds(config: Config, steps: int) -> tuple[float, float, float]:
-    """(seconds per step, first-call seconds (compile), last loss) of the library's jitted train step on
-    one random [batch_size, seq_len] batch, from a fresh state on the config's mesh."""
+def train_runner(config: Config):
+    """(run, first-call seconds): `run()` does one step of the library's jitted train step (state
+    donated and carried inside) on one random [batch_size, seq_len] batch, from a fresh state on the
+    config's mesh, and returns the step's metrics; the first call (compile) is made here."""
     mesh = shd.make_mesh(config.mesh)
     optimizer = opt.make_optimizer(config.train)
     state = st.create(config, optimizer, mesh, 0)
@@ -41,16 +42,27 @@ def step_seconds(config: Config, steps: int) -> tuple[float, float, float]:
              "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
     with jax.set_mesh(mesh):
         batch = global_batch(mesh, local)
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t0
-        for _ in range(2):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - t0) / steps
-    return seconds, compile_s, float(metrics["loss"])
+    carry = [state]
+
+    def run():
+        with jax.set_mesh(mesh):
+            carry[0], metrics = step(carry[0], batch)
+        return metrics
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    return run, time.perf_counter() - t0
+
+
+def step_seconds(config: Config, steps: int) -> tuple[float, float, float]:
+    """(seconds per step, first-call seconds (compile), last loss) of `train_runner`'s step, after
+    two warm-up steps."""
+    run, compile_s = train_runner(config)
+    for _ in range(2):
+        metrics = run()
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        metrics = run()
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - t0) / steps, compile_s, float(metrics["loss"])

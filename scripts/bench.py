@@ -6,6 +6,8 @@
     decode_attention  the flash-decoding kernel alone vs XLA's absorbed attention
     gmm_blocks  tile sweep of the Pallas grouped-GEMM kernels
     hf      side by side with transformers (PyTorch): train step and batched generation
+    scaling train-step tokens/s per device on several meshes (multi-GPU scaling efficiency)
+    profile device time by XLA op of the train step and of batched generation
 
 Each prints a table and writes JSON under $OUT (when set) or --out.
 """

@@ -28,40 +28,16 @@ import functools
 import json
 import os
 import re
-import statistics
 import sys
-import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from check_common import short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
 
 SHAPES = ((4096, 7168, 2048), (4096, 2048, 7168), (16384, 7168, 7168))  # M, K, N
 CHECK_SHAPE = (1024, 1536, 768)
 UNALIGNED_SHAPE = (300, 1000, 200)  # pads M, K and N
 TOL = 2e-3
-
-
-def short_error(e: BaseException) -> str:
-    """The exception and the last few frames, compactly (first 6 lines of the message)."""
-    frames = traceback.extract_tb(e.__traceback__)[-3:]
-    where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(frames))
-    msg = "\n      ".join(str(e).strip().splitlines()[:6])
-    return f"{type(e).__name__}: {msg}\n      at {where}"
-
-
-def timed(fn, *args, inner=10, outer=5):
-    """Median over `outer` repetitions of (time of `inner` back-to-back calls) / inner, in seconds."""
-    import jax
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(outer):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
 
 
 def main():
@@ -104,6 +80,10 @@ def main():
         "128x128s3w8": (K.Config(stages=3, grid_tile_width=8), True),
         "64x256n s3": (K.Config(cta_m=64, cta_n=256, wg_dim="n", stages=3), True),
         "wg 128x128s4": (K.Config(semantics="warpgroup"), True),
+        "128x128s4w8": (K.Config(grid_tile_width=8), True),
+        "128x128s5w4": (K.Config(stages=5), True),
+        "128x128s4w2": (K.Config(grid_tile_width=2), True),
+        "wg 128x128s3w8": (K.Config(stages=3, grid_tile_width=8, semantics="warpgroup"), True),
     }
     if args.quick:
         configs = {k: configs[k] for k in ("128x128s4", "128x128s4 col")}

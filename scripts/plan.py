@@ -54,7 +54,7 @@ def _describe(config) -> str:
     m, t = config.model, config.train
     return (f"{m.num_hidden_layers} layers ({m.num_dense_layers} dense) + {m.mtp.num_nextn_predict_layers} MTP, "
             f"batch {t.batch_size} x {config.data.seq_len} in {t.microbatches} microbatch(es), remat {m.remat}, "
-            f"fsdp {config.mesh.fsdp}, moments {'bf16/f32' if t.bf16_moments else 'f32/f32'}, "
+            f"fsdp {config.mesh.fsdp}, moments {'bf16/bf16' if t.bf16_moments else 'f32/f32'}, "
             f"dispatch {m.moe.dispatch}, grouped_gemm {m.moe.grouped_gemm}, attention {m.attention}")
 
 

@@ -340,3 +340,37 @@ def test_decode_step_compiles_once_and_records_experts(setup, monkeypatch):
     match = (np.sort(full_ids, -1) == np.sort(np.asarray(replay.moe), -1)).all(-1)[real].mean()
     print(f"recorded expert ids equal the full forward's at {match:.2%} of (layer, token) pairs")
     assert match >= EXPERT_MATCH_MIN
+
+
+def _while_bodies(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _while_bodies(sub)
+
+
+@pytest.mark.parametrize("speculative_loop", [False, True])
+def test_decode_loops_read_weights_in_the_compute_dtype(setup, speculative_loop):
+    """float32 master weights with bf16 compute: the outer decode loop (plain and speculative) must
+    close over bf16 weights only, cast once before it; a cast inside the body would re-read the
+    float32 weights every step (the model's per-layer scans are nested inside the body)."""
+    s = setup
+    config = replace(s["config"], dtype="bfloat16")
+    args = (config, s["variables"], jnp.asarray(s["tokens"]), jnp.asarray(LENGTHS), jax.random.PRNGKey(0),
+            *engine.special_ids(None, None))
+    if speculative_loop:
+        fn = functools.partial(speculative._generate, max_new_tokens=N, sampler=engine.Sampler(), depth=2)
+    else:
+        fn = functools.partial(engine._generate, max_new_tokens=N, sampler=engine.Sampler(), record_experts=False)
+    jaxpr = jax.make_jaxpr(fn, static_argnums=0)(*args)
+    loop = next(_while_bodies(jaxpr.jaxpr))  # the outermost: the decode loop
+    n_consts = loop.params["body_nconsts"]
+    weights = [v.aval for v in loop.invars[loop.params["cond_nconsts"]:][:n_consts] if v.aval.ndim >= 2]
+    assert weights, "the decode loop closes over no weights"
+    islands = engine.compute_weights(config, s["variables"])  # router kernels, norm scales, router bias
+    float32_shapes = {x.shape for x in jax.tree_util.tree_leaves(islands) if x.dtype == jnp.float32}
+    assert len(float32_shapes) < len(jax.tree_util.tree_leaves(islands)) // 4  # most weights are cast
+    wide = [a for a in weights
+            if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize > 2 and a.shape not in float32_shapes]
+    assert not wide, f"the decode loop reads {len(wide)} float32 weights per step, e.g. {wide[:3]}"

@@ -199,3 +199,29 @@ def test_two_processes_match_one_process_and_resume_their_own_data_shards(tmp_pa
     assert resumed_equal  # process 0 resumed its shard from the gathered list
     one, _, _ = _loss_and_grads((2, 2, 2))
     assert abs(two - float(one)) / abs(float(one)) <= MULTIPROCESS_RTOL
+
+
+def test_bf16_moments_store_both_moments_in_bf16_and_track_float32():
+    """train.bf16_moments (V3 §3.3.3): mu and nu held in bf16, updates computed in float32; after
+    a few steps the parameters stay within bf16 rounding of the float32-moment optimizer's."""
+    import optax
+    from dsjax.config import TrainConfig
+    from dsjax.train.optimizer import make_optimizer
+
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 32)), "norm": {"scale": jnp.ones((32,))}}
+    results = {}
+    for bf16 in (False, True):
+        opt = make_optimizer(TrainConfig(learning_rate=1e-2, warmup_steps=0, steps=10, bf16_moments=bf16))
+        state, p = opt.init(params), params
+        adam = next(s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                    if isinstance(s, optax.ScaleByAdamState))
+        dtype = jnp.bfloat16 if bf16 else jnp.float32
+        assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves((adam.mu, adam.nu)))
+        for i in range(5):
+            grads = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.key(i), x.shape), p)
+            updates, state = opt.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        results[bf16] = p
+    moved = float(jnp.abs(results[False]["w"] - params["w"]).max())
+    diff = float(jnp.abs(results[True]["w"] - results[False]["w"]).max())
+    assert moved > 1e-2 and diff < 0.02 * moved, (moved, diff)

@@ -9,6 +9,7 @@
 
 from dsjax.fp8.dot import BACKENDS, MODES, Fp8Dot, make_dot
 from dsjax.fp8.quantize import E4M3_MAX, dequantize_blocks, quantize_blocks
+from dsjax.fp8.grouped import gmm_block  # noqa: F401 - y = fp8.gmm_block(x, w, group_sizes, backend)
 
 __all__ = ["BACKENDS", "E4M3_MAX", "MODES", "Fp8Dot", "dequantize_blocks", "make_dot",
            "quantize_blocks"]

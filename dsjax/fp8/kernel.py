@@ -38,7 +38,9 @@ Checked on CPU with jax 0.11.2 (the GPU image's version): every config in
 scripts/check_fp8_kernel.py lowers through Pallas -> Mosaic GPU for "cuda" (sm_90, shared-memory
 budget included; `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`), and matches dot.py's
 split-K reference in Pallas's Mosaic GPU interpreter (tests/test_fp8_kernel.py,
-check_fp8_kernel.py --cpu-interpret). Not checked there: PTX/ptxas, register allocation, speed.
+check_fp8_kernel.py --cpu-interpret). On one H200 (2026-11-29, scripts/check_fp8_kernel.py):
+every config matches split-K to 7.5e-8-1.2e-4 relative; 850-1120 TFLOP/s, 1.27-1.62x bf16
+(BENCHMARKS.md, FP8).
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ class Config:
 # 128 x 128 CTA tile, two 64 x 128 math warpgroups (DeepGEMM's dense shape), 4 stages: ~200 KB of
 # shared memory with a float32 output tile, ~168 KB with bf16.
 DEFAULT = Config()
+# Forward and dgrad (sb_blocked): 3 stages, an 8-tile snake band and Warpgroup lowering semantics
+# measured best overall in scripts/check_fp8_kernel.py on one H200 (2026-11-29): 952 / 889 / 1046
+# TFLOP/s on 4096x7168x2048 / 4096x2048x7168 / 16384x7168x7168 vs DEFAULT's 888 / 807 / 1015.
+BLOCKED = Config(stages=3, grid_tile_width=8, semantics="warpgroup")
 
 
 def _num_sms() -> int:
@@ -269,7 +275,7 @@ def block_scaled_matmul(qa_MK, sa_MJ, qb_NK, sb_JN, out_dtype=jnp.float32, confi
     `interpret` (Pallas's Mosaic GPU interpreter, CPU) and `num_ctas` (default: one per SM) are for
     testing.
     """
-    cfg = config or DEFAULT
+    cfg = config or (BLOCKED if sb_blocked else DEFAULT)
     cfg.check()
     if (smem := cfg.smem_bytes(out_dtype)) > SMEM_LIMIT:
         raise ValueError(f"{cfg} with {jnp.dtype(out_dtype).name} output needs ~{smem} B of shared memory "

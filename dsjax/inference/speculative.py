@@ -215,6 +215,7 @@ def finish(spec: Loop, max_new_tokens: int, pad_id) -> engine.GenerationResult:
 def _generate(config: ModelConfig, variables, prompt_tokens_BP, prompt_lengths_B, rng, eos, pad_id, *,
               max_new_tokens: int, sampler: engine.Sampler, depth: int) -> engine.GenerationResult:
     kw = dict(max_new_tokens=max_new_tokens, sampler=sampler)
+    variables = engine.compute_weights(config, variables)
     spec = start(config, variables, prompt_tokens_BP, prompt_lengths_B, rng, eos, depth=depth, **kw)
     spec = advance(config, variables, spec, rng, eos, max_new_tokens, **kw)
     return finish(spec, max_new_tokens, pad_id)

@@ -6,7 +6,8 @@ Backends (config.moe.dispatch):
 - "dense": every expert on every token, masked — O(N·E) compute; the plain reference for tests.
 - "dropless": sort the N·k (token, expert) pairs by expert, grouped GEMMs over the contiguous
   groups (`grouped_gemm.gmm`: jax.lax.ragged_dot, or the Pallas Mosaic GPU kernels by
-  config.moe.grouped_gemm), weighted combine, unsort. No token is ever dropped.
+  config.moe.grouped_gemm; with fp8 "block", DeepSeek-V3's block-scaled FP8 grouped GEMMs,
+  `dsjax.fp8.gmm_block`), weighted combine, unsort. No token is ever dropped.
 - "capacity": fixed [E, capacity] buffers (capacity = ceil(capacity_factor · N·k / E)); pairs past
   an expert's capacity are dropped (in token order) and counted; static shapes throughout.
 
@@ -18,20 +19,41 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
+from dsjax.fp8 import gmm_block
 from dsjax.model.grouped_gemm import gmm
 
+EXPERT_GEMM = "expert_gemm"  # the routed experts' grouped GEMM outputs (remat saves them)
 
-def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla"):
-    """SwiGLU experts over rows sorted into contiguous expert groups; rows past the groups give 0."""
-    gate_MF = gmm(x_MD, w_gate_EDF, group_sizes_E, grouped_gemm)
-    up_MF = gmm(x_MD, w_up_EDF, group_sizes_E, grouped_gemm)
-    h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
-    return gmm(h_MF, w_down_EFD, group_sizes_E, grouped_gemm)
+
+def fp8_backend(config: ModelConfig) -> Optional[str]:
+    """The kernel backend of the experts' block-scaled FP8 GEMMs, or None when they run in the
+    compute dtype (fp8 'none'; 'tensor' is XLA's per-tensor FP8 for dense layers only)."""
+    return config.kernel_backend if config.fp8 == "block" else None
+
+
+def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla",
+                covered: bool = False, fp8: Optional[str] = None):
+    """SwiGLU experts over rows sorted into contiguous expert groups; rows past the groups give 0
+    (`covered`: there are none). Outputs in x's dtype: the GEMMs accumulate in float32 and round
+    once, and the SwiGLU product is taken in float32. With `fp8` (a kernel backend, see
+    `fp8_backend`) the three GEMMs are DeepSeek-V3's block-scaled FP8 (dsjax.fp8.gmm_block)."""
+    def gemm(a_MK, w_EKN):  # named so that remat saves it (decoder.REMAT_POLICIES)
+        if fp8 is None:
+            y_MN = gmm(a_MK, w_EKN, group_sizes_E, grouped_gemm, out_dtype=x_MD.dtype, covered=covered)
+        else:
+            y_MN = gmm_block(a_MK, w_EKN, group_sizes_E, fp8, out_dtype=x_MD.dtype)
+        return checkpoint_name(y_MN, EXPERT_GEMM)
+
+    gate_MF, up_MF = gemm(x_MD, w_gate_EDF), gemm(x_MD, w_up_EDF)
+    h_MF = (jax.nn.silu(gate_MF.astype(jnp.float32)) * up_MF.astype(jnp.float32)).astype(x_MD.dtype)
+    return gemm(h_MF, w_down_EFD)
 
 
 def dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -85,7 +107,8 @@ def _unsort_rows_bwd(res, g_MD):
 unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
 
 
-def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla"):
+def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla",
+             fp8: Optional[str] = None):
     n, k = ids_NK.shape
     e = w_gate_EDF.shape[0]
     flat_ids_M = ids_NK.reshape(-1)
@@ -93,9 +116,9 @@ def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, grouped
     inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(n * k, dtype=jnp.int32))
     x_MD = sort_rows(x_ND, order_M, inverse_M, k)
     group_sizes_E = jnp.bincount(flat_ids_M, length=e).astype(jnp.int32)
-    y_MD = ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm)
+    y_MD = ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm, covered=True, fp8=fp8)
     y_MD = unsort_rows(y_MD, order_M, inverse_M)  # back to (token, slot) order
-    y_ND = (y_MD.reshape(n, k, -1) * weights_NK[..., None]).sum(1)
+    y_ND = (y_MD.reshape(n, k, -1).astype(jnp.float32) * weights_NK[..., None]).sum(1)
     return y_ND, jnp.zeros((), jnp.int32)
 
 
@@ -139,4 +162,5 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
         return dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
     if kind == "capacity":
         return capacity(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config.moe.capacity_factor)
-    return dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config.moe.grouped_gemm)
+    return dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config.moe.grouped_gemm,
+                    fp8_backend(config))

@@ -105,7 +105,8 @@ def _local(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, config
     n, k = ids_NK.shape
     s, e_l = num_shards, w_gate_EDF.shape[0]
     experts = functools.partial(_compute, w_gate_EDF=w_gate_EDF, w_up_EDF=w_up_EDF, w_down_EFD=w_down_EFD,
-                                cap=cap, grouped_gemm=config.moe.grouped_gemm)
+                                cap=cap, grouped_gemm=config.moe.grouped_gemm,
+                                fp8=dispatch.fp8_backend(config))
     shard_NK = jnp.where(ids_NK >= 0, ids_NK // e_l, -1)
     on_NSK = shard_NK[:, None, :] == jnp.arange(s)[None, :, None]
     to_NS = on_NSK.any(-1)
@@ -169,7 +170,7 @@ def _exchange_ragged(x_ND1, meta_NSX, to_NS, experts, empty_X, max_shards_per_to
     return jax.ops.segment_sum(back_PD.astype(jnp.float32), src_P, num_segments=n + 1)[:n], dropped
 
 
-def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, cap, grouped_gemm):
+def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, cap, grouped_gemm, fp8):
     """Local experts on received rows: per row, sum over its local slots of gate · FFN_e(x_row)."""
     r, k = x_RD.shape[0], meta_RX.shape[1] // 2
     e_l = w_gate_EDF.shape[0]
@@ -180,7 +181,7 @@ def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, cap, grouped_ge
     group_sizes_E = jnp.zeros((e_l + 1,), jnp.int32).at[ids_F].add(1)[:e_l]
     x_MD = jnp.take(x_RD, row_M, axis=0)
     if cap is None:
-        y_MD = dispatch.ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm)
+        y_MD = dispatch.ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm, fp8=fp8)
         dropped = jnp.zeros((), jnp.int32)
     else:  # first `cap` pairs of each expert in arrival order = token order within the data slice
         starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E

@@ -17,7 +17,10 @@ Backends (config.moe.grouped_gemm, never chosen by probing the platform):
   The forward/input-grad kernel is ragged_dot_mgpu's, with one change: a tile that holds no row of
   any group skips its K loop (the stock kernel still runs it), so an expert-parallel buffer sized
   for the worst case costs only the rows it actually holds. The kernels write no row outside the
-  groups, so both M-grouped outputs are masked with a select (NaN-safe). Operands must be bf16/f16
+  groups: where rows can lie outside them (`covered=False`, expert-parallel buffers) the forward
+  output and dx are masked with a select (NaN-safe); dropless single-device dispatch declares
+  `covered=True` (its groups hold every row) and skips both passes. dy needs no mask: both backward
+  kernels read only the groups' rows. Operands must be bf16/f16
   with K and N multiples of 128; M is padded to the row block. Anything else falls back to "xla"
   with one warning per shape. Kernel outputs are in the operand dtype (f32 accumulation inside),
   so with this backend the weight gradient is rounded to bf16 before the optimizer sees it.
@@ -73,25 +76,28 @@ def _row_mask(y, group_sizes_G):
     return jnp.where(in_group_M[:, None], y, jnp.zeros((), y.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def grouped(x_MK, w_GKN, group_sizes_G, kernels: Kernels):
-    """y [M, N] (operand dtype) through `kernels`, rows outside the groups zeroed."""
-    return _row_mask(kernels.forward(x_MK, w_GKN, group_sizes_G), group_sizes_G)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def grouped(x_MK, w_GKN, group_sizes_G, kernels: Kernels, covered: bool):
+    """y [M, N] (operand dtype) through `kernels`; rows outside the groups are zeroed unless the
+    caller promises there are none (`covered`: sum(group_sizes) == M)."""
+    y_MN = kernels.forward(x_MK, w_GKN, group_sizes_G)
+    return y_MN if covered else _row_mask(y_MN, group_sizes_G)
 
 
-def _grouped_fwd(x_MK, w_GKN, group_sizes_G, kernels):
-    return grouped(x_MK, w_GKN, group_sizes_G, kernels), (x_MK, w_GKN, group_sizes_G)
+def _grouped_fwd(x_MK, w_GKN, group_sizes_G, kernels, covered):
+    return grouped(x_MK, w_GKN, group_sizes_G, kernels, covered), (x_MK, w_GKN, group_sizes_G)
 
 
-def _grouped_bwd(kernels, res, dy_MN):
+def _grouped_bwd(kernels, covered, res, dy_MN):
     x_MK, w_GKN, group_sizes_G = res
-    dy_MN = _row_mask(dy_MN.astype(x_MK.dtype), group_sizes_G)
-    dx_MK = _row_mask(kernels.input_grad(dy_MN, w_GKN, group_sizes_G), group_sizes_G)
+    dy_MN = dy_MN.astype(x_MK.dtype)
+    dx_MK = kernels.input_grad(dy_MN, w_GKN, group_sizes_G)
+    dx_MK = dx_MK if covered else _row_mask(dx_MK, group_sizes_G)
     dw_GKN = kernels.weight_grad(x_MK, dy_MN, group_sizes_G)
     return dx_MK.astype(x_MK.dtype), dw_GKN.astype(w_GKN.dtype), None
 
 
-grouped.defvjp(_grouped_fwd, _grouped_bwd)
+grouped.defvjp(_grouped_fwd, _grouped_bwd, optimize_remat=True)
 
 
 # ------------------------------------------------------------------------------- Pallas MGPU
@@ -200,16 +206,20 @@ def mgpu_unfit_reason(x_MK, w_GKN) -> str | None:
 
 
 
-def gmm(x_MK, w_GKN, group_sizes_G, kind: str = "xla", out_dtype=jnp.float32):
-    """Grouped GEMM of `kind` ("xla" | "pallas_mgpu"): y [M, N] in out_dtype, zero outside the groups."""
+def gmm(x_MK, w_GKN, group_sizes_G, kind: str = "xla", out_dtype=jnp.float32, covered: bool = False):
+    """Grouped GEMM of `kind` ("xla" | "pallas_mgpu"): y [M, N] in out_dtype, zero outside the groups.
+
+    `covered`: the caller guarantees sum(group_sizes) == M (every row in a group), which lets the
+    Pallas path skip its row masks; a wrong promise leaves garbage in the uncovered rows."""
     group_sizes_G = group_sizes_G.astype(jnp.int32)
     if kind == "pallas_mgpu":
         reason = mgpu_unfit_reason(x_MK, w_GKN)
         if reason is None:
             m = x_MK.shape[0]
-            pad = -m % ALIGN
+            pad = -m % ALIGN  # padded rows lie outside the groups; sliced off below, zero dy in backward
             x_pad = jnp.pad(x_MK, ((0, pad), (0, 0))) if pad else x_MK
-            return grouped(x_pad, w_GKN, group_sizes_G, MGPU)[:m].astype(out_dtype)
+            y_MN = grouped(x_pad, w_GKN, group_sizes_G, MGPU, covered)
+            return (y_MN[:m] if pad else y_MN).astype(out_dtype)
         warn_once(log, (reason, x_MK.shape, w_GKN.shape),
                    f"grouped_gemm='pallas_mgpu' cannot take x{x_MK.shape} @ w{w_GKN.shape}: {reason}; "
                    "using jax.lax.ragged_dot")

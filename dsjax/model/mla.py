@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsjax.config import ModelConfig
-from dsjax.model import decode_attention, rope
+from dsjax.model import cudnn_attention, decode_attention, rope
 from dsjax.model.layers import Dense, RMSNorm, dtype_of, init_normal, matmul
 
 NEG_INF = -1e30
@@ -95,21 +95,6 @@ def _softmax(scores_BHTS, mask_BTS, dtype):
     return jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
 
 
-def _cudnn_attention(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BSR, v_BSHO, segment_ids_BT, scale):
-    """cuDNN fused (flash) attention with MLA head dims: the shared rope key is broadcast to every
-    head and V is zero-padded to the qk width (the public API needs equal K and V shapes; the
-    padding columns come out as zeros and are sliced off). Causal plus same-segment mask."""
-    b, s, h, o = v_BSHO.shape
-    q_BTHX = jnp.concatenate([q_nope_BTHK, q_rope_BTHR], axis=-1)
-    k_BSHX = jnp.concatenate([k_nope_BSHK, jnp.broadcast_to(k_rope_BSR[:, :, None, :], (b, s, h, k_rope_BSR.shape[-1]))],
-                             axis=-1)
-    v_BSHX = jnp.pad(v_BSHO, ((0, 0), (0, 0), (0, 0), (0, q_BTHX.shape[-1] - o)))
-    same_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
-    out_BTHX = jax.nn.dot_product_attention(q_BTHX, k_BSHX, v_BSHX, mask=same_B1TS, scale=scale, is_causal=True,
-                                            implementation="cudnn")
-    return out_BTHX[..., :o]
-
-
 class MLA(nn.Module):
     config: ModelConfig
 
@@ -148,8 +133,8 @@ class MLA(nn.Module):
                                                  ("batch", "length", "heads", "head_dim"))
             k_nope_BSHK, v_BSHO = kv_BTHX[..., :k], kv_BTHX[..., k:]
             if c.attention == "cudnn":
-                out_BTHO = _cudnn_attention(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BTR, v_BSHO,
-                                            segment_ids_BT, scale)
+                out_BTHO = cudnn_attention.attention(q_nope_BTHK, q_rope_BTHR, k_nope_BSHK, k_rope_BTR, v_BSHO,
+                                                     segment_ids_BT, scale)
             else:
                 scores_BHTS = (jnp.einsum("BTHK,BSHK->BHTS", q_nope_BTHK, k_nope_BSHK,
                                           preferred_element_type=jnp.float32)

@@ -6,6 +6,12 @@ head, and the MTP modules.
 logits, per-layer MoE statistics, the final hidden state and the updated latent cache. Nothing
 changes behind the caller's back: the router bias lives in the `router` collection and is only
 read here.
+
+`compute_params(config, params)` casts the parameters once to what the layers compute with (the
+compute dtype), leaving the float32 islands — router kernels and norm scales — as they are. Every
+layer casts its weights itself too, so applying the model to the result gives the same numbers;
+callers do it once outside the layer scans, so that neither the scan nor rematerialization nor a
+decode loop repeats the float32 -> bf16 pass over every weight.
 """
 
 from __future__ import annotations
@@ -22,6 +28,22 @@ from dsjax.model.layers import Dense, Embed, RMSNorm
 from dsjax.model.mla import CacheView, LayerCache, write_entries
 from dsjax.model.moe import MoEStats
 from dsjax.model.mtp import MTPModule
+
+
+FLOAT32_ISLANDS = ("router", "scale")  # module / parameter names the model computes in float32
+
+
+def compute_params(config: ModelConfig, params):
+    """`params` with every floating leaf wider than the compute dtype cast to it, except the
+    float32 islands (any leaf under a module named 'router', every norm 'scale')."""
+    dtype = jnp.dtype(config.dtype)
+
+    def cast(path, x):
+        names = {str(getattr(k, "key", k)) for k in path}
+        wider = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > dtype.itemsize
+        return x.astype(dtype) if wider and not names & set(FLOAT32_ISLANDS) else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 class ModelCache(NamedTuple):

@@ -1,0 +1,191 @@
+"""Block-scaled FP8 grouped GEMM for the routed experts (DeepSeek-V3 §3.3 applied to §2.1.2's MoE).
+
+    y_MN = gmm_block(x_MK, w_GKN, group_sizes_G, backend, out_dtype)
+
+y[rows of group g] = x[rows of group g] @ w[g] over rows sorted into contiguous groups (experts);
+rows past sum(group_sizes) belong to no group and come back as zeros. The three GEMMs of the
+custom_vjp follow dot.py's block mode, expert by expert:
+- forward  y  = x @ w[g]      x in 1x128 tiles along K (per row), each w[g] in 128x128 blocks;
+- dgrad    dx = dy @ w[g]^T   dy in 1x128 tiles along N, the same w[g] blocks transposed;
+- wgrad    dw[g] = x_g^T dy_g x and dy re-quantized in 128x1 tiles along tokens (§3.3.3), the
+                              128-row tiles counted from each group's first row.
+Each 128-slice of the contraction has its own scales and is promoted to float32 on its own
+(§3.3.2). dx comes back in x's dtype, dw in w's dtype; group_sizes gets no gradient. The forward
+caches x already quantized for wgrad (fp8, in the layout below) and w itself, as dot.py does.
+
+Wgrad's layout: each group's rows are gathered into a segment that starts on a multiple of 128
+rows and is zero-padded to one (`_pad_groups`, [P, D] with P = 128 * T, T bounding the tiles of
+all groups), then transposed so that tokens are the contiguous dim and quantized in 1x128 tiles
+along it: exactly the per-group 128x1 tiles, with no tile spanning two experts and aligned tiles
+for the kernel. The zero rows add nothing.
+
+Backends (config value, never probed): "xla_cpu", "xla_gpu", "xla_tpu" run exact math on the
+quantized operands (dequantized to float32, one HIGHEST-precision ragged dot accumulating in
+float32; a product of two E4M3 values is exact in float32, so this differs from per-chunk
+promotion only by float32 rounding). It is the CPU path and the reference for the kernels.
+"pallas_gpu" runs grouped_kernel.py's Mosaic GPU kernels (M-grouped for forward and dgrad,
+K-grouped for wgrad), imported on first use; shapes they cannot take fall back to the reference
+path with one warning per shape, and off a GPU it raises dot._check_gpu's error.
+
+GEMM-local letters as in dot.py: M rows (tokens x top-k, sorted by expert), K contraction of the
+forward, N its output columns, G groups; J, L count the 128-blocks of K, N; P rows of the padded
+wgrad layout and T its 128-row tiles.
+
+Deviation: DeepSeek pads each expert's segment to a multiple of 128 rows before its grouped GEMMs;
+dsjax keeps the unpadded rows for forward and dgrad and pads only wgrad's operands, which gives
+the same 128x1 tiles (tests/test_fp8_grouped.py checks them against a per-expert loop of dot.py's
+dense block dot). Zero and partial edge blocks as in quantize.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dsjax.fallbacks import warn_once
+from dsjax.fp8.dot import BACKENDS, BLOCK, _check_gpu
+from dsjax.fp8.quantize import dequantize_blocks, quantize_blocks
+
+log = logging.getLogger(__name__)
+
+
+# ---- wgrad's group-aligned layout ---------------------------------------------------------------
+
+def group_tiles(group_sizes_G: jax.Array, m: int) -> tuple[int, jax.Array, jax.Array]:
+    """(T, tile_start_G, tiles_G): a static bound T on the 128-row tiles of all groups
+    (sum ceil(s/128) <= (m + 127 G) / 128), and each group's first tile and tile count."""
+    num_tiles = (m + (BLOCK - 1) * group_sizes_G.shape[0]) // BLOCK
+    tiles_G = (group_sizes_G + BLOCK - 1) // BLOCK
+    return num_tiles, jnp.cumsum(tiles_G) - tiles_G, tiles_G
+
+
+def _pad_groups(x_MD: jax.Array, group_sizes_G: jax.Array, num_tiles: int) -> jax.Array:
+    """x_PD: each group's rows from its first tile on, zeros elsewhere (a gather: one pass over x)."""
+    _, tile_start_G, tiles_G = group_tiles(group_sizes_G, x_MD.shape[0])
+    row_start_G = jnp.cumsum(group_sizes_G) - group_sizes_G
+    p_P = jnp.arange(num_tiles * BLOCK, dtype=jnp.int32)
+    g_P = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_G), p_P // BLOCK, side="right"),
+                      group_sizes_G.shape[0] - 1)
+    r_P = p_P - tile_start_G[g_P] * BLOCK  # row within its group
+    valid_P = (r_P >= 0) & (r_P < group_sizes_G[g_P])
+    src_P = jnp.clip(row_start_G[g_P] + r_P, 0, x_MD.shape[0] - 1)
+    return jnp.where(valid_P[:, None], x_MD[src_P], jnp.zeros((), x_MD.dtype))
+
+
+def quantize_wgrad(x_MD: jax.Array, group_sizes_G: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x in 128x1 tiles along tokens counted from each group's first row: (q_DP fp8, scale_DT)."""
+    num_tiles, _, _ = group_tiles(group_sizes_G, x_MD.shape[0])
+    return quantize_blocks(_pad_groups(x_MD, group_sizes_G, num_tiles).T, (1, BLOCK))
+
+
+def _per_column(scale_GJL: jax.Array, n: int) -> jax.Array:
+    """128x128 block scales [G, J, ceil(n/128)] -> one scale per chunk and column [G, J, n]."""
+    return jnp.repeat(scale_GJL, BLOCK, axis=2)[:, :, :n]
+
+
+# ---- the two grouped GEMMs: where the kernels plug in ------------------------------------------
+
+def _m_grouped(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, backend: str, out_dtype) -> jax.Array:
+    """y [M, N] (out_dtype) = a[rows of g] @ b[g]^T per group, scales sa per row and chunk, sb per
+    chunk and column (constant over 128-column blocks); zero outside the groups. b is K-major."""
+    if backend == "pallas_gpu":
+        _check_gpu(backend)
+        from dsjax.fp8 import grouped_kernel
+
+        reason = grouped_kernel.m_grouped_unfit_reason(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G)
+        if reason is None:
+            return grouped_kernel.m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype,
+                                                   sb_blocked=True)
+        warn_once(log, ("m_grouped", reason, qa_MK.shape, qb_GNK.shape),
+                   f"kernel_backend='pallas_gpu' cannot take the FP8 grouped GEMM {qa_MK.shape} @ "
+                   f"{qb_GNK.shape}^T: {reason}; using the XLA ragged_dot path")
+    K = qa_MK.shape[1]
+    a_MK = dequantize_blocks(qa_MK, sa_MJ, (1, BLOCK))
+    b_GKN = qb_GNK.astype(jnp.float32).transpose(0, 2, 1) * jnp.repeat(sb_GJN, BLOCK, axis=1)[:, :K]
+    y_MN = lax.ragged_dot(a_MK, b_GKN, group_sizes_G, precision=lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+    return y_MN.astype(out_dtype)
+
+
+def _k_grouped(qa_KP, sa_KT, qb_NP, sb_NT, group_sizes_G, backend: str, out_dtype) -> jax.Array:
+    """dw [G, K, N] (out_dtype) = sum over group g's 128-row tiles of a-tile @ b-tile^T, operands in
+    wgrad's layout (`quantize_wgrad`), scales per tile and row of a / of b."""
+    if backend == "pallas_gpu":
+        _check_gpu(backend)
+        from dsjax.fp8 import grouped_kernel
+
+        _, tile_start_G, tiles_G = group_tiles(group_sizes_G, 0)
+        reason = grouped_kernel.k_grouped_unfit_reason(qa_KP, sa_KT, qb_NP, sb_NT, tiles_G)
+        if reason is None:
+            return grouped_kernel.k_grouped_matmul(qa_KP, sa_KT, qb_NP, sb_NT, tile_start_G, tiles_G, out_dtype)
+        warn_once(log, ("k_grouped", reason, qa_KP.shape, qb_NP.shape),
+                   f"kernel_backend='pallas_gpu' cannot take the FP8 grouped weight-gradient GEMM "
+                   f"{qa_KP.shape} x {qb_NP.shape}: {reason}; using the XLA ragged_dot path")
+    a_KP = dequantize_blocks(qa_KP, sa_KT, (1, BLOCK))
+    b_NP = dequantize_blocks(qb_NP, sb_NT, (1, BLOCK))
+    dims = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((1,), (1,)), ((), ())),
+                                         lhs_ragged_dimensions=[1], rhs_group_dimensions=[])
+    padded_sizes_G = (group_sizes_G + BLOCK - 1) // BLOCK * BLOCK  # the padded layout's segments
+    dw_GKN = lax.ragged_dot_general(a_KP, b_NP, padded_sizes_G, dims, precision=lax.Precision.HIGHEST,
+                                    preferred_element_type=jnp.float32)
+    return dw_GKN.astype(out_dtype)
+
+
+# ---- custom_vjp ---------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype):
+    return _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype)[0]
+
+
+def _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype):
+    del x_dtype
+    N = w_GKN.shape[2]
+    qx_MK, sx_MJ = quantize_blocks(x_MK, (1, BLOCK))
+    # w[g]^T quantized as it is read (the same blocks and values as quantizing w): the K-major
+    # copy the kernel needs comes out of the quantization pass instead of a second pass over fp8.
+    qwt_GNK, swt_GLJ = quantize_blocks(w_GKN.transpose(0, 2, 1), (BLOCK, BLOCK))
+    y_MN = _m_grouped(qx_MK, sx_MJ, qwt_GNK, _per_column(swt_GLJ.transpose(0, 2, 1), N), group_sizes_G,
+                      backend, out_dtype)
+    qxt_KP, sxt_KT = quantize_wgrad(x_MK, group_sizes_G)  # wgrad's tiles, cached in fp8
+    return y_MN, (qxt_KP, sxt_KT, w_GKN, group_sizes_G)
+
+
+def _gmm_bwd(backend, out_dtype, x_dtype, res, dy_MN):
+    del out_dtype
+    qxt_KP, sxt_KT, w_GKN, group_sizes_G = res
+    K = w_GKN.shape[1]
+    qw_GKN, sw_GJL = quantize_blocks(w_GKN, (BLOCK, BLOCK))
+    qdy_MN, sdy_ML = quantize_blocks(dy_MN, (1, BLOCK))
+    # dgrad's b is w[g]^T [N, K]; K-major that is w[g] itself.
+    dx_MK = _m_grouped(qdy_MN, sdy_ML, qw_GKN, _per_column(sw_GJL.transpose(0, 2, 1), K), group_sizes_G,
+                       backend, x_dtype)
+    qdyt_NP, sdyt_NT = quantize_wgrad(dy_MN, group_sizes_G)
+    dw_GKN = _k_grouped(qxt_KP, sxt_KT, qdyt_NP, sdyt_NT, group_sizes_G, backend, w_GKN.dtype)
+    return dx_MK, dw_GKN, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm_block(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, backend: str = "xla_cpu",
+              out_dtype=None) -> jax.Array:
+    """y [M, N] in out_dtype (default x.dtype): FP8 block-scaled grouped GEMM, zero past the groups.
+
+    x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] (int, sum <= M). Differentiable in x
+    and w (dx in x.dtype, dw in w.dtype) with DeepSeek-V3's FP8 recipe for all three GEMMs.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel_backend {backend!r} is not one of {BACKENDS}")
+    if (x_MK.ndim != 2 or w_GKN.ndim != 3 or x_MK.shape[1] != w_GKN.shape[1]
+            or group_sizes_G.shape != (w_GKN.shape[0],) or x_MK.shape[0] == 0):
+        raise ValueError(f"gmm_block needs x [M>0, K], w [G, K, N], group_sizes [G]; got x {x_MK.shape}, "
+                         f"w {w_GKN.shape}, group_sizes {group_sizes_G.shape}")
+    if backend == "pallas_gpu":
+        _check_gpu(backend)
+    out_dtype = jnp.dtype(x_MK.dtype if out_dtype is None else out_dtype)
+    return _gmm(x_MK, w_GKN, group_sizes_G.astype(jnp.int32), backend, out_dtype, jnp.dtype(x_MK.dtype))

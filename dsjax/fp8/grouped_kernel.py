@@ -1,0 +1,366 @@
+"""Grouped block-scaled FP8 GEMMs for Hopper as Pallas Mosaic GPU kernels (DeepSeek-V3 §3.3, DeepGEMM).
+
+    m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype) -> y [M, N]
+        y[rows of g] = sum_j (qa[rows, chunk j] @ qb[g, :, chunk j]^T) * sa[rows, j] * sb[g, j, :]
+    k_grouped_matmul(qa_KP, sa_KT, qb_NP, sb_NT, tile_start_G, tiles_G, out_dtype) -> dw [G, K, N]
+        dw[g] = sum over g's tiles t (128 rows each) of (qa[:, t] @ qb[:, t]^T) * sa[:, t] * sb[:, t]^T
+
+The routed experts' three GEMMs for grouped.py's custom_vjp: the M-grouped kernel serves forward
+and dgrad (rows sorted into contiguous groups, one weight matrix per group), the K-grouped kernel
+wgrad (the contraction runs over each group's rows, in the group-aligned 128-row tiles of
+grouped.quantize_wgrad). Both are kernel.py's block-scaled GEMM (read that docstring first) with
+a grouped iteration; they share its tile config, its per-step promotion (WGMMA a 128-K chunk into
+a fresh accumulator, then acc += partial * sa[rows] * sb[cols] on the CUDA cores: §3.3.2's
+promotion every 128 K) and its warp specialization (a memory warpgroup streaming fp8 tiles and
+f32 scale vectors through `stages` shared-memory buffers by TMA, two compute warpgroups).
+
+M-grouped (jax's ragged_dot_mgpu.py is the template for the grouping): output tiles of cta_m rows
+are enumerated per group, so a tile that straddles a group boundary is computed once for each
+group it holds (with that group's weights) and each pass stores only its group's rows, with a
+ladder of 2^i-row TMA stores (static shapes, dynamic offsets). The schedule (group, row block,
+first row in the block, rows) per tile is computed by XLA before the call (`_schedule`), so a
+tile reads four scalars instead of scanning all G group sizes as GroupInfo does; tiles with no
+rows (empty groups, the tail past sum(group_sizes)) skip their K loop. Rows past the groups are
+never written and are zeroed by the wrapper (a select, NaN-safe). sb is per column [G, J, N] and
+constant over 128-column blocks (sb_blocked: one scalar per warpgroup and step).
+
+K-grouped: one output tile [cta_m of K, cta_n of N] per group and tile position; its pipeline runs
+over the group's tiles only (a dynamic grid starting at tile_start[g]; an empty group runs no step
+and stores zeros). No tile crosses a group, so nothing is masked; sa and sb are per column on both
+sides. Operands are tokens-contiguous ([K, P], [N, P]) because FP8 WGMMA takes K-major operands
+only; grouped.py quantizes them straight into that layout.
+
+Shapes: K (forward) is zero-padded to whole 128-chunks, M to cta_m and N (and wgrad's K) to the
+tile; outputs are sliced back. `*_unfit_reason` says what a kernel cannot take; grouped.py then
+falls back to its XLA path with one warning per shape. group_sizes must sum to at most M.
+
+GPU-only: imports Pallas Mosaic GPU at the top; grouped.py imports it lazily for "pallas_gpu".
+Checked on CPU with jax 0.11.2 in Pallas's Mosaic GPU interpreter against grouped.py's reference,
+and lowered for "cuda" (tests/test_fp8_grouped.py, scripts/check_fp8_grouped.py --cpu-interpret);
+and on one H200 (2026-11-29, scripts/check_fp8_grouped.py): forward, dgrad and wgrad match the
+reference to 1.1-1.9e-4 relative; 537-792 TFLOP/s on small.py's and V3's expert shapes
+(BENCHMARKS.md, FP8).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from dsjax.fp8.kernel import (BLOCK_K, FP8, SMEM_LIMIT, Config, _fp8_transforms, _num_sms,
+                              _out_transforms, _pad_to)
+
+# kernel.py's default: 128 x 128 CTA tile, two 64 x 128 math warpgroups along M, 4 stages.
+M_GROUPED = K_GROUPED = Config()
+
+
+def _check(cfg: Config, out_dtype):
+    cfg.check()
+    if cfg.wg_m & (cfg.wg_m - 1):
+        raise ValueError(f"{cfg}: the grouped store ladder needs a power-of-two warpgroup height")
+    if (smem := cfg.smem_bytes(out_dtype)) > SMEM_LIMIT:
+        raise ValueError(f"{cfg} with {jnp.dtype(out_dtype).name} output needs ~{smem} B of shared memory "
+                         f"(> {SMEM_LIMIT}); use fewer stages")
+
+
+def _pipeline(cfg: Config, num_steps, step, compute_context, first=0):
+    """kernel.py's warp-specialized K pipeline over `num_steps` 128-chunks from chunk `first`:
+    a [cta_m, 128], b [cta_n, 128] (fp8, swizzled), sa [1, cta_m] and sb [1, cta_n] per step."""
+    fp8_transforms = _fp8_transforms()
+    return plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=(num_steps,),
+        memory_registers=40,
+        in_specs=[
+            plgpu.BlockSpec((cfg.cta_m, BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
+            plgpu.BlockSpec((cfg.cta_n, BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
+            plgpu.BlockSpec((1, cfg.cta_m), lambda kk: (first + kk, 0)),
+            plgpu.BlockSpec((1, cfg.cta_n), lambda kk: (first + kk, 0)),
+        ],
+        wg_axis="wg",
+        num_compute_wgs=cfg.num_compute_wgs,
+        max_concurrent_steps=cfg.stages,
+        compute_context=compute_context,
+    )
+
+
+def _promote_step(cfg: Config, wg_idx, sb_blocked: bool):
+    """One pipeline step of a compute warpgroup: WGMMA its slice of the chunk into a fresh
+    accumulator and promote it into the float32 carry, scaled by sa[rows] and sb[cols]."""
+    split_m = cfg.wg_dim == "m"
+    wg_m, wg_n = cfg.wg_m, cfg.wg_n
+    wg_rows = pl.ds(wg_idx * wg_m, wg_m) if split_m else pl.ds(0, wg_m)
+    wg_cols = pl.ds(0, wg_n) if split_m else pl.ds(wg_idx * wg_n, wg_n)
+
+    def step(_, a_smem, b_smem, sa_smem, sb_smem, acc):
+        a_wg = a_smem.at[wg_rows] if split_m else a_smem
+        b_wg = b_smem if split_m else b_smem.at[wg_cols]
+
+        def chunk_product(partial_ref):
+            plgpu.wgmma(partial_ref, a_wg, b_wg.transpose((1, 0)))
+            # The scales load while the WGMMA runs; reading the accumulator then waits for it.
+            sa = plgpu.load(sa_smem.at[0, wg_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+            if sb_blocked:
+                scales = (sa * sb_smem[0, wg_cols.start], None)
+            else:
+                scales = (sa, plgpu.load(sb_smem.at[0, wg_cols], layout=plgpu.Layout.WGMMA.reduce(0)))
+            return partial_ref[...], scales
+
+        partial, (row_scale, col_scale) = pl.run_scoped(chunk_product, plgpu.ACC((wg_m, wg_n), jnp.float32))
+        partial = partial * lax.broadcast_in_dim(row_scale, (wg_m, wg_n), [0])
+        if col_scale is not None:
+            partial = partial * lax.broadcast_in_dim(col_scale, (wg_m, wg_n), [1])
+        return acc + partial
+
+    return step
+
+
+def _zero_acc(cfg: Config):
+    return plgpu.layout_cast(jnp.zeros((cfg.wg_m, cfg.wg_n), jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _launch(body, out_shape, out_dtype, cfg: Config, interpret, num_ctas):
+    semantics = (plgpu.LoweringSemantics.Lane if cfg.semantics == "lane"
+                 else plgpu.LoweringSemantics.Warpgroup)
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=(num_ctas or _num_sms(),),
+        grid_names=("sm",),
+        num_threads=cfg.num_compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=semantics),
+        **({"interpret": interpret} if interpret else {}),
+    )
+
+
+# ---- M-grouped: forward and dgrad ---------------------------------------------------------------
+
+def _schedule(group_sizes_G: jax.Array, m: int, tile_m: int) -> jax.Array:
+    """int32 [4, m/tile_m + G - 1]: per output tile (group, row block, first row in the block, rows).
+
+    Each nonempty group owns the row blocks it touches, in order; a block shared by k groups is
+    listed k times. Unused trailing entries have 0 rows.
+    """
+    num_groups = group_sizes_G.shape[0]
+    num_sched = m // tile_m + num_groups - 1
+    end_G = jnp.cumsum(group_sizes_G)
+    start_G = end_G - group_sizes_G
+    first_block_G = start_G // tile_m
+    blocks_G = jnp.where(group_sizes_G > 0, (end_G + tile_m - 1) // tile_m - first_block_G, 0)
+    sched_end_G = jnp.cumsum(blocks_G)
+    t_S = jnp.arange(num_sched, dtype=jnp.int32)
+    g_S = jnp.minimum(jnp.searchsorted(sched_end_G, t_S, side="right"), num_groups - 1).astype(jnp.int32)
+    block_S = first_block_G[g_S] + t_S - (sched_end_G - blocks_G)[g_S]
+    lo_S = jnp.maximum(start_G[g_S], block_S * tile_m)
+    hi_S = jnp.minimum(end_G[g_S], (block_S + 1) * tile_m)
+    rows_S = jnp.where(t_S < sched_end_G[-1], jnp.maximum(hi_S - lo_S, 0), 0)
+    live_S = rows_S > 0
+    return jnp.stack([g_S, jnp.where(live_S, block_S, 0), jnp.where(live_S, lo_S - block_S * tile_m, 0),
+                      rows_S]).astype(jnp.int32)
+
+
+def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Config, sb_blocked: bool,
+                    interpret, num_ctas):
+    """The kernel on aligned operands: M % cta_m == N % cta_n == K % 128 == 0."""
+    m, k = a_MK.shape
+    n = b_GNK.shape[1]
+    cta_m, cta_n, wg_m, wg_n = cfg.cta_m, cfg.cta_n, cfg.wg_m, cfg.wg_n
+    m_tiles, n_tiles, k_iters = sched_4S.shape[1], n // cta_n, k // BLOCK_K
+    split_m = cfg.wg_dim == "m"
+    ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
+
+    def body(sched_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem):
+        allocs = _pipeline(cfg, k_iters, ignore, ignore).get_allocations(a_gmem, b_gmem.at[0], sa_gmem,
+                                                                         sb_gmem.at[0])
+
+        # Unswizzled output tiles: the ladder below stores from any row.
+        @functools.partial(pl.run_scoped, pipeline_allocs=allocs,
+                           out_smem=plgpu.SMEM((cfg.num_compute_wgs, wg_m, wg_n), out_dtype),
+                           collective_axes="wg")
+        def _scope(pipeline_allocs, out_smem):
+            wg_idx = lax.axis_index("wg")
+            step = _promote_step(cfg, wg_idx, sb_blocked)
+
+            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+            def _tile_loop(loop_info):
+                (lin,) = loop_info.index
+                ti, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), 1, cfg.grid_tile_width)
+                group, block, first, rows = (sched_gmem[i, ti] for i in range(4))
+                wg_row0 = wg_idx * wg_m if split_m else 0
+                out_cols = pl.ds(ni * cta_n + (0 if split_m else wg_idx * wg_n), wg_n)
+
+                def compute_context(run_pipeline):
+                    acc = run_pipeline(_zero_acc(cfg))
+                    o_smem = out_smem.at[wg_idx]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores read it
+                    o_smem[...] = acc.astype(out_dtype)
+                    plgpu.commit_smem()
+                    # This warpgroup's rows of the group: [lo, lo + count) of its wg_m rows.
+                    lo = jnp.clip(first - wg_row0, 0, wg_m)
+                    count = jnp.clip(first + rows - wg_row0, 0, wg_m) - lo
+                    size = wg_m
+                    while size:  # count = sum of its bits: one static-shape TMA store per set bit
+                        @pl.when(count & size != 0)
+                        def _store(lo=lo, size=size):
+                            plgpu.copy_smem_to_gmem(
+                                o_smem.at[pl.ds(lo, size)],
+                                out_gmem.at[pl.ds(block * cta_m + wg_row0 + lo, size), out_cols])
+
+                        lo = lo + (count & size)
+                        size //= 2
+
+                @pl.when(rows > 0)
+                def _run():
+                    _pipeline(cfg, k_iters, step, compute_context)(
+                        a_gmem.at[pl.ds(block * cta_m, cta_m), :],
+                        b_gmem.at[group, pl.ds(ni * cta_n, cta_n), :],
+                        sa_gmem.at[:, pl.ds(block * cta_m, cta_m)],
+                        sb_gmem.at[group, :, pl.ds(ni * cta_n, cta_n)],
+                        allocations=pipeline_allocs,
+                    )
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before out_smem goes out of scope
+
+    call = _launch(body, (m, n), out_dtype, cfg, interpret, num_ctas)
+    return call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN)
+
+
+def m_grouped_unfit_reason(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G) -> str | None:
+    """Why m_grouped_matmul cannot take these operands, or None when it can."""
+    if qa_MK.ndim != 2 or qb_GNK.ndim != 3 or sa_MJ.ndim != 2 or sb_GJN.ndim != 3 or group_sizes_G.ndim != 1:
+        return "a, sa must be 2-D, b, sb 3-D, group_sizes 1-D"
+    if qa_MK.dtype != FP8 or qb_GNK.dtype != FP8:
+        return f"operands {qa_MK.dtype}/{qb_GNK.dtype} (the kernel takes float8_e4m3fn)"
+    (m, k), (g, n, k2) = qa_MK.shape, qb_GNK.shape
+    j = -(-k // BLOCK_K)
+    if k2 != k or sa_MJ.shape != (m, j) or sb_GJN.shape != (g, j, n) or group_sizes_G.shape != (g,):
+        return (f"shapes a {qa_MK.shape}, sa {sa_MJ.shape}, b {qb_GNK.shape}, sb {sb_GJN.shape}, group_sizes "
+                f"{group_sizes_G.shape} do not fit a [M, K], sa [M, ceil(K/128)], b [G, N, K], "
+                f"sb [G, ceil(K/128), N], group_sizes [G]")
+    if min(m, n, k, g) == 0:
+        return "an empty dimension"
+    return None
+
+
+def m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype=jnp.float32,
+                     config: Config | None = None, *, sb_blocked: bool = False, interpret=False,
+                     num_ctas: int | None = None):
+    """y [M, N] (out_dtype): y[rows of g] = block-scaled qa[rows] @ qb[g]^T; zero past the groups.
+
+    qa [M, K], qb [G, N, K] float8_e4m3fn (K-major), sa [M, ceil(K/128)], sb [G, ceil(K/128), N]
+    float32, group_sizes [G] int (sum <= M). sb_blocked=True promises sb constant over each
+    128-column block. `interpret` and `num_ctas` as in kernel.block_scaled_matmul (testing).
+    """
+    cfg = config or M_GROUPED
+    _check(cfg, out_dtype)
+    if (reason := m_grouped_unfit_reason(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G)) is not None:
+        raise ValueError(f"m_grouped_matmul cannot take these operands: {reason}")
+    m, n = qa_MK.shape[0], qb_GNK.shape[1]
+    group_sizes_G = group_sizes_G.astype(jnp.int32)
+    a = _pad_to(_pad_to(qa_MK, 1, BLOCK_K), 0, cfg.cta_m)  # zero q adds nothing
+    b = _pad_to(_pad_to(qb_GNK, 2, BLOCK_K), 1, cfg.cta_n)
+    sa_JM = _pad_to(sa_MJ.astype(jnp.float32).T, 1, cfg.cta_m)
+    sb = _pad_to(sb_GJN.astype(jnp.float32), 2, cfg.cta_n)
+    sb_blocked = sb_blocked and BLOCK_K % cfg.wg_n == 0
+    sched = _schedule(group_sizes_G, a.shape[0], cfg.cta_m)
+    y = _m_grouped_call(sched, a, b, sa_JM, sb, jnp.dtype(out_dtype), cfg, sb_blocked, interpret, num_ctas)
+    y = y[:m, :n]
+    in_group_M = jnp.arange(m) < group_sizes_G.sum()
+    return jnp.where(in_group_M[:, None], y, jnp.zeros((), y.dtype))
+
+
+# ---- K-grouped: wgrad ---------------------------------------------------------------------------
+
+def _k_grouped_call(tiles_2G, a_KP, b_NP, sa_TK, sb_TN, out_dtype, cfg: Config, interpret, num_ctas):
+    """The kernel on aligned operands: K % cta_m == N % cta_n == P % 128 == 0."""
+    k, n, g = a_KP.shape[0], b_NP.shape[0], tiles_2G.shape[1]
+    cta_m, cta_n, wg_m, wg_n = cfg.cta_m, cfg.cta_n, cfg.wg_m, cfg.wg_n
+    m_tiles, n_tiles = k // cta_m, n // cta_n
+    split_m = cfg.wg_dim == "m"
+    ignore = lambda *_, **__: None  # noqa: E731
+
+    def body(tiles_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem):
+        # A static grid of `stages` steps allocates what the dynamic grid below uses.
+        allocs = _pipeline(cfg, cfg.stages, ignore, ignore).get_allocations(a_gmem, b_gmem, sa_gmem, sb_gmem)
+
+        @functools.partial(pl.run_scoped, pipeline_allocs=allocs,
+                           out_smem=plgpu.SMEM((cfg.num_compute_wgs, wg_m, wg_n), out_dtype,
+                                               transforms=_out_transforms(wg_n, out_dtype)),
+                           collective_axes="wg")
+        def _scope(pipeline_allocs, out_smem):
+            wg_idx = lax.axis_index("wg")
+            step = _promote_step(cfg, wg_idx, sb_blocked=False)
+
+            # Groups outermost: concurrent CTAs share one group's token tiles in L2.
+            @plgpu.nd_loop((g, m_tiles * n_tiles), collective_axes="sm")
+            def _tile_loop(loop_info):
+                gi, lin = loop_info.index
+                mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), 1, cfg.grid_tile_width)
+                first, num_steps = tiles_gmem[0, gi], tiles_gmem[1, gi]
+                out_rows = pl.ds(mi * cta_m + (wg_idx * wg_m if split_m else 0), wg_m)
+                out_cols = pl.ds(ni * cta_n + (0 if split_m else wg_idx * wg_n), wg_n)
+
+                def compute_context(run_pipeline):
+                    acc = run_pipeline(_zero_acc(cfg))  # an empty group runs no step: zeros
+                    o_smem = out_smem.at[wg_idx]
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    o_smem[...] = acc.astype(out_dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[gi, out_rows, out_cols])
+
+                _pipeline(cfg, num_steps, step, compute_context, first)(
+                    a_gmem.at[pl.ds(mi * cta_m, cta_m), :],
+                    b_gmem.at[pl.ds(ni * cta_n, cta_n), :],
+                    sa_gmem.at[:, pl.ds(mi * cta_m, cta_m)],
+                    sb_gmem.at[:, pl.ds(ni * cta_n, cta_n)],
+                    allocations=pipeline_allocs,
+                )
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    call = _launch(body, (g, k, n), out_dtype, cfg, interpret, num_ctas)
+    return call(tiles_2G, a_KP, b_NP, sa_TK, sb_TN)
+
+
+def k_grouped_unfit_reason(qa_KP, sa_KT, qb_NP, sb_NT, tiles_G) -> str | None:
+    """Why k_grouped_matmul cannot take these operands, or None when it can."""
+    if qa_KP.ndim != 2 or qb_NP.ndim != 2 or sa_KT.ndim != 2 or sb_NT.ndim != 2 or tiles_G.ndim != 1:
+        return "a, b, sa, sb must be 2-D, tiles 1-D"
+    if qa_KP.dtype != FP8 or qb_NP.dtype != FP8:
+        return f"operands {qa_KP.dtype}/{qb_NP.dtype} (the kernel takes float8_e4m3fn)"
+    (k, p), (n, p2) = qa_KP.shape, qb_NP.shape
+    t = p // BLOCK_K
+    if p % BLOCK_K or p2 != p or sa_KT.shape != (k, t) or sb_NT.shape != (n, t):
+        return (f"shapes a {qa_KP.shape}, sa {sa_KT.shape}, b {qb_NP.shape}, sb {sb_NT.shape} do not fit "
+                f"a [K, 128 T], sa [K, T], b [N, 128 T], sb [N, T]")
+    if min(k, n, p, tiles_G.shape[0]) == 0:
+        return "an empty dimension"
+    return None
+
+
+def k_grouped_matmul(qa_KP, sa_KT, qb_NP, sb_NT, tile_start_G, tiles_G, out_dtype=jnp.float32,
+                     config: Config | None = None, *, interpret=False, num_ctas: int | None = None):
+    """dw [G, K, N] (out_dtype) = per group g, sum over its tiles t in [tile_start[g], +tiles[g]) of
+    (qa[:, t] @ qb[:, t]^T) * sa[:, t, None] * sb[None, :, t], a tile being 128 tokens.
+
+    qa [K, P], qb [N, P] float8_e4m3fn (tokens contiguous, P = 128 T), sa [K, T], sb [N, T] float32
+    (grouped.quantize_wgrad's layout), tile_start and tiles [G] int.
+    """
+    cfg = config or K_GROUPED
+    _check(cfg, out_dtype)
+    if (reason := k_grouped_unfit_reason(qa_KP, sa_KT, qb_NP, sb_NT, tiles_G)) is not None:
+        raise ValueError(f"k_grouped_matmul cannot take these operands: {reason}")
+    k, n = qa_KP.shape[0], qb_NP.shape[0]
+    a = _pad_to(qa_KP, 0, cfg.cta_m)
+    b = _pad_to(qb_NP, 0, cfg.cta_n)
+    sa_TK = _pad_to(sa_KT.astype(jnp.float32).T, 1, cfg.cta_m)
+    sb_TN = _pad_to(sb_NT.astype(jnp.float32).T, 1, cfg.cta_n)
+    tiles_2G = jnp.stack([tile_start_G, tiles_G]).astype(jnp.int32)
+    dw = _k_grouped_call(tiles_2G, a, b, sa_TK, sb_TN, jnp.dtype(out_dtype), cfg, interpret, num_ctas)
+    return dw[:, :k, :n] if dw.shape[1:] != (k, n) else dw

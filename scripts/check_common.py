@@ -1,0 +1,32 @@
+"""What the one-run GPU check scripts (scripts/check_*.py) share: timing a kernel call and
+reporting a failed compile compactly, so that one failing config does not stop the run."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import traceback
+
+
+def short_error(e: BaseException) -> str:
+    """The exception and the last few frames, compactly (first 6 lines of the message)."""
+    frames = traceback.extract_tb(e.__traceback__)[-3:]
+    where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(frames))
+    msg = "\n      ".join(str(e).strip().splitlines()[:6])
+    return f"{type(e).__name__}: {msg}\n      at {where}"
+
+
+def timed(fn, *args, inner=10, outer=5):
+    """Median over `outer` repetitions of (time of `inner` back-to-back calls) / inner, in seconds."""
+    import jax
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(outer):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)

@@ -1,0 +1,276 @@
+"""Check and time dsjax/fp8/grouped_kernel.py's FP8 grouped GEMMs on one Hopper GPU (one run, ~1-2 min).
+
+    python scripts/check_fp8_grouped.py [--quick] [--out DIR]     # on the GPU machine
+    python scripts/check_fp8_grouped.py --cpu-interpret            # dry run on CPU, jax >= 0.11
+
+(a) Correctness, relative Frobenius error (expected ~1e-4 or better; FAIL above 2e-3):
+    - the M-grouped kernel (forward, dgrad) and the K-grouped kernel (wgrad) vs grouped.py's XLA
+      path (`_m_grouped` / `_k_grouped`, backend xla_gpu) on the same quantized operands, with
+      Dirichlet-uneven groups, one empty expert, and an unaligned shape (M, K, N padded inside);
+    - gmm_block(..., "pallas_gpu") vs gmm_block(..., "xla_gpu"): y, dx, dw (f32 operands), and that
+      the compiled fwd+bwd HLO holds three Mosaic GPU custom calls.
+(b) Speed, TFLOP/s (2MKN / median time of back-to-back calls), bf16 outputs: the FP8 kernels on
+    pre-quantized operands vs the bf16 Pallas grouped kernels (grouped_gemm.MGPU: forward,
+    input_grad, weight_grad) and a dense bf16 jnp.dot of the same FLOPs, on configs/small.py's
+    expert GEMMs (98,304 rows over 64 experts, 2048 -> 1408 and 1408 -> 2048) and DeepSeek-V3's
+    (131,072 rows over 256 experts, 7168 -> 2048 and 2048 -> 7168); then fwd+bwd (quantization
+    included, bf16 x and w) of gmm_block pallas_gpu vs grouped_gemm.gmm(kind="pallas_mgpu").
+    Each FP8 kernel runs in two tile configs: grouped_kernel's default (kernel.py's DEFAULT: 4 stages,
+    Lane semantics) and "wg" (3 stages, 8-tile snake, Warpgroup semantics: kernel.py's BLOCKED, the
+    dense kernel's best forward/dgrad config on H200); the better one should become the default.
+    The K-grouped kernel's bf16 column is what gmm_block runs with bf16 weights; "wgrad f32" is its
+    float32 output (f32 master weights), which at 256 experts is bound by writing dw.
+Every compile is guarded, so one failure does not stop the run; errors are listed at the end.
+Writes fp8_grouped.json under $OUT (or --out) after each section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from check_common import short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
+
+# name -> (M rows, K, N, G experts): each expert GEMM as [M, K] x [G, K, N].
+SHAPES = {
+    "small up/gate": (98_304, 2048, 1408, 64),
+    "small down": (98_304, 1408, 2048, 64),
+    "V3 up/gate": (131_072, 7168, 2048, 256),
+    "V3 down": (131_072, 2048, 7168, 256),
+}
+CHECKS = {"aligned": (4096, 1024, 768, 8), "unaligned": (1000, 1000, 200, 5)}
+LAYER_SHAPES = ("small up/gate", "V3 up/gate")
+DIRICHLET_ALPHA = 2.0  # uneven expert loads
+TOL = 2e-3
+
+
+def group_sizes(m: int, g: int, seed: int, empty: int | None = None):
+    """Dirichlet-uneven sizes summing to m (largest remainder), expert `empty` given no rows."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(g, DIRICHLET_ALPHA))
+    if empty is not None:
+        p[empty] = 0.0
+        p /= p.sum()
+    raw = p * m
+    sizes = np.floor(raw).astype(np.int64)
+    sizes[np.argsort(raw - sizes)[::-1][: m - sizes.sum()]] += 1
+    return sizes.astype(np.int32)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--quick", action="store_true", help="small.py's shapes only, no fwd+bwd timing")
+    parser.add_argument("--cpu-interpret", action="store_true",
+                        help="dry run on CPU (jax >= 0.11): tiny shapes, the FP8 kernels in Pallas's Mosaic GPU "
+                             "interpreter, xla_cpu references, no bf16 Pallas kernels; timings meaningless")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # partial output survives a timeout
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dsjax.fp8 import grouped as GR
+    from dsjax.fp8 import grouped_kernel as GK
+    from dsjax.fp8.quantize import quantize_blocks
+    from dsjax.model import grouped_gemm
+
+    ref_backend, shapes, checks, layer_shapes = "xla_gpu", SHAPES, CHECKS, LAYER_SHAPES
+    bf16_kernels = True
+    configs = {"": GK.M_GROUPED, " wg": GK.Config(stages=3, grid_tile_width=8, semantics="warpgroup")}
+    if args.cpu_interpret:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+        interpret = plgpu.InterpretGPUParams()
+        GK.m_grouped_matmul = functools.partial(GK.m_grouped_matmul, interpret=interpret, num_ctas=2)
+        GK.k_grouped_matmul = functools.partial(GK.k_grouped_matmul, interpret=interpret, num_ctas=2)
+        jax.default_backend = lambda: "gpu"  # let grouped.py's pallas_gpu check pass (dry run only)
+        ref_backend, bf16_kernels = "xla_cpu", False
+        shapes = {"tiny up": (600, 256, 384, 4), "tiny down": (600, 384, 256, 4)}
+        checks = {"aligned": (330, 256, 256, 4), "unaligned": (300, 200, 136, 3)}
+        layer_shapes = ("tiny up",)
+    if args.quick:
+        shapes = {k: v for k, v in shapes.items() if k.startswith("small")}
+        layer_shapes = ()
+
+    dev = jax.devices()[0]
+    res = {"device": dev.device_kind, "jax": jax.__version__, "dirichlet_alpha": DIRICHLET_ALPHA,
+           "kernel_configs": {k.strip() or "default": repr(v) for k, v in configs.items()}, "checks": {}, "tflops": {}, "layer_fwd_bwd_ms": {},
+           "errors": {}}
+    print(f"{dev.device_kind}, jax {jax.__version__}, {getattr(dev, 'core_count', '?')} SMs")
+    failed = []
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "fp8_grouped.json")
+
+    def save():
+        res["failed"] = failed
+        with open(path, "w") as fh:
+            json.dump(res, fh, indent=1)
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+    def record(name, err):
+        ok = err is not None and err < TOL
+        res["checks"][name] = err
+        if not ok:
+            failed.append(name)
+        print(f"  {'ok  ' if ok else 'FAIL'} {name:52s} rel err {err:.2e}" if err is not None
+              else f"  FAIL {name}")
+
+    def guarded(name, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - report and continue
+            res["errors"][name] = short_error(e)
+            print(f"  error {name}: " + short_error(e))
+            return None
+
+    def raw(M, K, N, G, seed=0, dtype=jnp.float32, empty=None):
+        kx, kw, ks, kd = jax.random.split(jax.random.key(seed), 4)
+        x = (jax.random.normal(kx, (M, K)) * jnp.exp(jax.random.normal(ks, (M, 1)))).astype(dtype)
+        w = (jax.random.normal(kw, (G, K, N)) * 0.05).astype(dtype)
+        dy = jax.random.normal(kd, (M, N)).astype(dtype)
+        return x, w, dy, jnp.asarray(group_sizes(M, G, seed, empty))
+
+    @jax.jit
+    def quantized(x, w, dy, gs):
+        """The FP8 operands of the three GEMMs, laid out as gmm_block's custom_vjp builds them."""
+        K, N = w.shape[1:]
+        qx, sx = quantize_blocks(x, (1, 128))
+        qw, sw = quantize_blocks(w, (128, 128))
+        qdy, sdy = quantize_blocks(dy, (1, 128))
+        fwd = (qx, sx, qw.transpose(0, 2, 1), GR._per_column(sw, N))
+        dgrad = (qdy, sdy, qw, GR._per_column(sw.transpose(0, 2, 1), K))
+        wgrad = (*GR.quantize_wgrad(x, gs), *GR.quantize_wgrad(dy, gs))
+        return fwd, dgrad, wgrad
+
+    def tile_args(gs):
+        _, tile_start, tiles = GR.group_tiles(gs, 0)
+        return tile_start, tiles
+
+    # ---- (a) correctness ----------------------------------------------------------------------
+    print(f"(a) correctness: relative Frobenius error vs grouped.py's {ref_backend} path (same quantized operands)")
+    for cname, (M, K, N, G) in checks.items():
+        x, w, dy, gs = raw(M, K, N, G, seed=1, empty=1)
+        print(f"  {cname} {M}x{K}x{N}, G={G}, group sizes {gs.tolist()}")
+        fwd, dgrad, wgrad = quantized(x, w, dy, gs)
+        for suffix, cfg in configs.items():
+            if suffix and cname != "aligned":
+                continue
+            for gemm, args_ in (("forward", fwd), ("dgrad", dgrad)):
+                name = f"{gemm}{suffix} {cname}"
+                want = jax.jit(lambda *a: GR._m_grouped(*a, ref_backend, jnp.float32))(*args_, gs)
+                got = guarded(name, lambda: jax.jit(lambda *a: GK.m_grouped_matmul(
+                    *a, jnp.float32, cfg, sb_blocked=True))(*args_, gs))
+                record(name, None if got is None else rel(got, want))
+            name = f"wgrad{suffix} {cname}"
+            want = jax.jit(lambda *a: GR._k_grouped(*a, ref_backend, jnp.float32))(*wgrad, gs)
+            got = guarded(name, lambda: jax.jit(lambda *a: GK.k_grouped_matmul(*a, jnp.float32, cfg))(
+                *wgrad, *tile_args(gs)))
+            record(name, None if got is None else rel(got, want))
+
+    M, K, N, G = checks["aligned"]
+    x, w, dy, gs = raw(M, K, N, G, seed=2, empty=0)
+
+    def fwd_bwd(backend):
+        def f(x, w):
+            y, vjp = jax.vjp(lambda x, w: GR.gmm_block(x, w, gs, backend), x, w)
+            return (y, *vjp(dy))
+        return jax.jit(f)
+
+    def check_gmm_block():
+        want = fwd_bwd(ref_backend)(x, w)
+        f_pallas = fwd_bwd("pallas_gpu")
+        hlo = f_pallas.lower(x, w).compile().as_text()
+        n_calls = len(re.findall(r'custom_call_target="mosaic_gpu', hlo))
+        for nm, g, r in zip(("y", "dx", "dw"), f_pallas(x, w), want):
+            record(f"gmm_block pallas_gpu vs {ref_backend} {nm}", rel(g, r))
+        if not args.cpu_interpret:  # the interpreter leaves no Mosaic GPU custom call
+            print(f"  {'ok  ' if n_calls == 3 else 'FAIL'} compiled fwd+bwd HLO: {n_calls} Mosaic GPU calls (want 3)")
+            res["checks"]["gmm_block mosaic_gpu calls"] = n_calls
+            if n_calls != 3:
+                failed.append("gmm_block mosaic_gpu calls")
+
+    if guarded("gmm_block", check_gmm_block) is None and "gmm_block" in res["errors"]:
+        failed.append("gmm_block")
+    save()
+
+    # ---- (b) speed ----------------------------------------------------------------------------
+    print("(b) TFLOP/s (2MKN / median time; FP8 kernels on pre-quantized operands; bf16 out unless noted)")
+    cols = ("dense bf16", "fwd bf16", "fwd fp8", "fwd fp8 wg", "dgrad bf16", "dgrad fp8", "dgrad fp8 wg",
+            "wgrad bf16", "wgrad fp8", "wgrad fp8 wg", "wgrad fp8 f32")
+    print(f"  {'shape':>14s} {'M x K x N / G':>22s} " + " ".join(f"{c:>13s}" for c in cols))
+
+    def fmt(v, wd=13):
+        return f"{v:{wd}.0f}" if v is not None else "-".rjust(wd)
+
+    for sname, (M, K, N, G) in shapes.items():
+        row = {}
+        flops = 2.0 * M * K * N
+        inner, outer = (1, 1) if args.cpu_interpret else (5, 3) if M * K * N > 1e12 else (10, 5)
+
+        def bench(col, fn, *a):
+            v = guarded(f"{col} {sname}", lambda: flops / timed(fn, *a, inner=inner, outer=outer) / 1e12)
+            row[col] = v
+
+        x, w, dy, gs = raw(M, K, N, G, seed=3, dtype=jnp.bfloat16)
+        fwd, dgrad, wgrad = jax.block_until_ready(quantized(x, w, dy, gs))
+        tiles = jax.block_until_ready(tile_args(gs))
+        bench("dense bf16", jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), x, w[0])
+        if bf16_kernels:
+            bench("fwd bf16", jax.jit(grouped_gemm.MGPU.forward), x, w, gs)
+            bench("dgrad bf16", jax.jit(grouped_gemm.MGPU.input_grad), dy, w, gs)
+            bench("wgrad bf16", jax.jit(grouped_gemm.MGPU.weight_grad), x, dy, gs)
+        for suffix, cfg in configs.items():
+            m_grouped = jax.jit(functools.partial(GK.m_grouped_matmul, out_dtype=jnp.bfloat16, config=cfg,
+                                                  sb_blocked=True))
+            bench(f"fwd fp8{suffix}", m_grouped, *fwd, gs)
+            bench(f"dgrad fp8{suffix}", m_grouped, *dgrad, gs)
+            bench(f"wgrad fp8{suffix}", jax.jit(functools.partial(GK.k_grouped_matmul, out_dtype=jnp.bfloat16,
+                                                                 config=cfg)), *wgrad, *tiles)
+        bench("wgrad fp8 f32", jax.jit(functools.partial(GK.k_grouped_matmul, out_dtype=jnp.float32)),
+              *wgrad, *tiles)
+        res["tflops"][sname] = {"shape": [M, K, N, G], **row}
+        save()
+        print(f"  {sname:>14s} {f'{M}x{K}x{N} / {G}':>22s} " + " ".join(fmt(row.get(c)) for c in cols))
+
+    # fwd + both grads, quantization included, bf16 x and w (dx, dw in bf16).
+    for sname in layer_shapes:
+        M, K, N, G = shapes[sname]
+        x, w, _, gs = raw(M, K, N, G, seed=4, dtype=jnp.bfloat16)
+        layer = {}
+        gemms = {"fp8 gmm_block pallas_gpu": lambda x, w: GR.gmm_block(x, w, gs, "pallas_gpu")}
+        if bf16_kernels:
+            gemms["bf16 gmm pallas_mgpu"] = lambda x, w: grouped_gemm.gmm(x, w, gs, "pallas_mgpu", jnp.bfloat16)
+        for label, gemm in gemms.items():
+            # A loss that needs y, so that the forward GEMM is not dead code.
+            f = jax.jit(jax.value_and_grad(lambda x, w, gemm=gemm: jnp.square(gemm(x, w).astype(jnp.float32)).sum(),
+                                           argnums=(0, 1)))
+            n = 1 if args.cpu_interpret else 3
+            v = guarded(f"layer {label} {sname}", lambda: timed(f, x, w, inner=n, outer=n) * 1e3)
+            layer[label] = v
+        res["layer_fwd_bwd_ms"][sname] = {"shape": [M, K, N, G], **layer}
+        save()
+        print(f"  fwd+bwd {sname} {M}x{K}x{N} / {G} (ms): " + ", ".join(
+            f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in layer.items()))
+
+    if res["errors"]:
+        print(f"errors ({len(res['errors'])}):")
+        for k, v in res["errors"].items():
+            print(f"  {k}: {v}")
+    save()
+    print("RESULT: " + ("all checks passed" if not failed else f"FAILED {failed}"))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
