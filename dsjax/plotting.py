@@ -45,3 +45,39 @@ def plot_metrics(metrics_path: str, keys: Sequence[str], out_png: str, title: st
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_overlay(runs: dict, key: str, out_png: str, title: str = "") -> str | None:
+    """One panel: `key` against step for several runs ({label: metrics rows}) on shared axes, and
+    below it each later run's relative difference to the first (how closely they track)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {label: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+              for label, rows in runs.items()}
+    curves = {label: pts for label, pts in curves.items() if pts}
+    if not curves:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+    for label, pts in curves.items():
+        top.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+    base_label, base = next(iter(curves.items()))
+    base_at = dict(base)
+    for label, pts in list(curves.items())[1:]:
+        common = [(s, v) for s, v in pts if s in base_at and base_at[s]]
+        bottom.plot([s for s, _ in common], [100 * (v - base_at[s]) / base_at[s] for s, v in common], label=label)
+    top.set_ylabel(key)
+    top.legend()
+    top.grid(alpha=0.3)
+    bottom.axhline(0, color="gray", lw=0.8)
+    bottom.set_ylabel(f"% vs {base_label}")
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
