@@ -21,42 +21,51 @@ def read_metrics(path: str) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def plot_metrics(metrics_path: str, keys: Sequence[str], out_png: str, title: str = "") -> str | None:
-    """One panel per key present in the log; returns the PNG path (None if nothing to plot)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _series(rows: list, key: str) -> list:
+    """(step, value) of every row that logged `key` as a number."""
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def _save(fig, out_png: str, title: str) -> str:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    _pyplot().close(fig)
+    return out_png
+
+
+def plot_metrics(metrics_path: str, keys: Sequence[str], out_png: str, title: str = "") -> str | None:
+    """One panel per key present in the log; returns the PNG path (None if nothing to plot)."""
+    plt = _pyplot()
     rows = read_metrics(metrics_path)
     keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        pts = _series(rows, key)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None)
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png, title)
 
 
 def plot_overlay(runs: dict, key: str, out_png: str, title: str = "") -> str | None:
     """One panel: `key` against step for several runs ({label: metrics rows}) on shared axes, and
     below it each later run's relative difference to the first (how closely they track)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = {label: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-              for label, rows in runs.items()}
+    plt = _pyplot()
+    curves = {label: _series(rows, key) for label, rows in runs.items()}
     curves = {label: pts for label, pts in curves.items() if pts}
     if not curves:
         return None
@@ -75,9 +84,4 @@ def plot_overlay(runs: dict, key: str, out_png: str, title: str = "") -> str | N
     bottom.set_ylabel(f"% vs {base_label}")
     bottom.set_xlabel("step")
     bottom.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png, title)
