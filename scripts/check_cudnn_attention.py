@@ -6,7 +6,8 @@
     explicit causal + same-segment mask) on the same bf16 inputs, over the non-padding tokens:
     output, dq, dk, dv — for rows packed with several documents and trailing padding (the packed
     cuDNN layout), and for a batch with a row of more than MAX_RUNS documents (the masked fallback).
-    FAIL above 2e-2 (bf16 inputs, flash vs two-pass softmax).
+    FAIL above 2e-2 (bf16 inputs, flash vs two-pass softmax). With several GPUs, also the packed
+    path on a data mesh over all of them against one device (FAIL above 1e-3).
 (b) Forward + backward time at configs/small.py's shapes (B 8, T 2048, 16 heads, 128 + 64 / 128
     dims): packed cuDNN, the masked fallback forced, and causal-only cuDNN (no segments) as the floor.
 Writes cudnn_attention.json under $OUT (or --out).
@@ -86,6 +87,20 @@ def main():
             ok = np.isfinite(err) and err < TOL
             failed += [] if ok else [f"{name} {what}"]
             print(f"  {'ok  ' if ok else 'FAIL'} {name:8s} {what:7s} rel err {err:.2e}", flush=True)
+
+    if jax.device_count() > 1:  # the per-device shard_map: batch rows over every device
+        from dsjax import sharding as shd
+        from dsjax.config import MeshConfig
+
+        x, seg = inputs(8, 512, seed=2), segments(8, 512, 5, seed=7)
+        one = ca.attention(*x, seg, 0.1)
+        with jax.set_mesh(shd.make_mesh(MeshConfig(data=jax.device_count()))):
+            many = jax.jit(lambda *a: ca.attention(*a, 0.1))(*x, seg)
+        err = rel(many * (seg > 0)[:, :, None, None], one * (seg > 0)[:, :, None, None])
+        res["checks"][f"packed on {jax.device_count()} devices vs one"] = err
+        ok = np.isfinite(err) and err < 1e-3
+        failed += [] if ok else ["multi-device"]
+        print(f"  {'ok  ' if ok else 'FAIL'} packed on {jax.device_count()} devices vs one: rel err {err:.2e}", flush=True)
 
     x = inputs(8, 2048)
     cases = {"packed (3 docs per row)": (ca.attention, segments(8, 2048, 3)),

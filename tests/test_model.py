@@ -216,3 +216,35 @@ def test_fp8_block_runs_the_expert_gemms_in_fp8():
     assert "f8_e4m3fn" in str(jax.make_jaxpr(fp8_fn)(*args))
     err = float(jnp.linalg.norm(got - exact) / jnp.linalg.norm(exact))
     assert 1e-4 < err < 0.1, err
+
+
+def test_cudnn_attention_runs_per_device_on_a_mesh(monkeypatch):
+    """On a (2, 2, 2) mesh the attention core gets one device's rows and heads (so cuDNN's packed
+    offsets are local); the result equals the one-device call. The core is swapped for the XLA
+    math here (cuDNN needs a GPU); the wrapper's specs are what is tested."""
+    from dsjax import sharding as shd
+    from dsjax.config import MeshConfig
+    from dsjax.model import cudnn_attention
+    from dsjax.model.mla import attention_mask
+
+    seen = []
+
+    def core(q_nope, q_rope, k_nope, k_rope, v, seg, *, scale):
+        seen.append((q_nope.shape, k_rope.shape, seg.shape))
+        pos = jnp.broadcast_to(jnp.arange(seg.shape[1]), seg.shape)
+        s = (jnp.einsum("BTHK,BSHK->BHTS", q_nope, k_nope) + jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope)) * scale
+        p = jax.nn.softmax(jnp.where(attention_mask(pos, seg)[:, None], s, -1e30), axis=-1)
+        return jnp.einsum("BHTS,BSHO->BTHO", p, v)
+
+    monkeypatch.setattr(cudnn_attention, "_attend", core)
+    b, t, h = 8, 16, 4
+    keys = jax.random.split(jax.random.key(0), 5)
+    args = (jax.random.normal(keys[0], (b, t, h, 8)), jax.random.normal(keys[1], (b, t, h, 4)),
+            jax.random.normal(keys[2], (b, t, h, 8)), jax.random.normal(keys[3], (b, t, 4)),
+            jax.random.normal(keys[4], (b, t, h, 6)), jnp.where(jnp.arange(t) < 10, 1, 2)[None].repeat(b, 0))
+    expected = cudnn_attention.attention(*args, 0.3)
+    mesh = shd.make_mesh(MeshConfig(2, 2, 2))
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda *a: cudnn_attention.attention(*a, 0.3))(*args)
+    assert seen[-1] == ((2, t, 2, 8), (2, t, 4), (2, t))  # 8 rows / (data 2 x expert 2), 4 heads / tensor 2
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
