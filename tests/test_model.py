@@ -248,3 +248,27 @@ def test_cudnn_attention_runs_per_device_on_a_mesh(monkeypatch):
         got = jax.jit(lambda *a: cudnn_attention.attention(*a, 0.3))(*args)
     assert seen[-1] == ((2, t, 2, 8), (2, t, 4), (2, t))  # 8 rows / (data 2 x expert 2), 4 heads / tensor 2
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+def test_fp8_gate_and_up_as_one_gemm_equal_two():
+    """With F a multiple of 128 the FP8 experts run gate and up as one [E, D, 2F] GEMM; outputs and
+    every gradient equal two separate FP8 GEMMs (same blocks and tiles) to float32 rounding."""
+    n, d, f, e = 96, 128, 128, 3
+    keys = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(keys[0], (n, d))
+    sizes = jnp.array([40, 0, 56], jnp.int32)
+    w_gate, w_up = jax.random.normal(keys[1], (e, d, f)) * 0.1, jax.random.normal(keys[2], (e, d, f)) * 0.1
+    w_down = jax.random.normal(keys[3], (e, f, d)) * 0.1
+    ct = jax.random.normal(keys[4], (n, d))
+
+    def separate(x, wg, wu, wd):
+        from dsjax.fp8 import gmm_block
+        h = jax.nn.silu(gmm_block(x, wg, sizes)) * gmm_block(x, wu, sizes)
+        return (gmm_block(h, wd, sizes) * ct).sum()
+
+    fused = lambda *a: (dispatch.ffn_grouped(a[0], sizes, *a[1:], fp8="xla_cpu") * ct).sum()  # noqa: E731
+    args = (x, w_gate, w_up, w_down)
+    (v1, g1), (v2, g2) = (jax.value_and_grad(fn, argnums=(0, 1, 2, 3))(*args) for fn in (separate, fused))
+    np.testing.assert_allclose(v2, v1, rtol=1e-5)
+    for a, b in zip(g2, g1):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5

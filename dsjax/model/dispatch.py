@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
 from dsjax.fp8 import gmm_block
+from dsjax.fp8.dot import BLOCK as FP8_BLOCK
 from dsjax.model.grouped_gemm import gmm
 
 EXPERT_GEMM = "expert_gemm"  # the routed experts' grouped GEMM outputs (remat saves them)
@@ -43,7 +44,10 @@ def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_g
     """SwiGLU experts over rows sorted into contiguous expert groups; rows past the groups give 0
     (`covered`: there are none). Outputs in x's dtype: the GEMMs accumulate in float32 and round
     once, and the SwiGLU product is taken in float32. With `fp8` (a kernel backend, see
-    `fp8_backend`) the three GEMMs are DeepSeek-V3's block-scaled FP8 (dsjax.fp8.gmm_block)."""
+    `fp8_backend`) the GEMMs are DeepSeek-V3's block-scaled FP8 (dsjax.fp8.gmm_block), and gate and
+    up run as one [E, D, 2F] GEMM when F is a multiple of 128: x and its wgrad tiles are quantized
+    once instead of twice, and the weights' concatenation fuses into their per-step quantization.
+    The 128x128 weight blocks and 1x128 tiles are then exactly those of the two separate GEMMs."""
     def gemm(a_MK, w_EKN):  # named so that remat saves it (decoder.REMAT_POLICIES)
         if fp8 is None:
             y_MN = gmm(a_MK, w_EKN, group_sizes_E, grouped_gemm, out_dtype=x_MD.dtype, covered=covered)
@@ -51,7 +55,12 @@ def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_g
             y_MN = gmm_block(a_MK, w_EKN, group_sizes_E, fp8, out_dtype=x_MD.dtype)
         return checkpoint_name(y_MN, EXPERT_GEMM)
 
-    gate_MF, up_MF = gemm(x_MD, w_gate_EDF), gemm(x_MD, w_up_EDF)
+    f = w_gate_EDF.shape[-1]
+    if fp8 is not None and f % FP8_BLOCK == 0:
+        gate_up_MX = gemm(x_MD, jnp.concatenate([w_gate_EDF, w_up_EDF], axis=-1))
+        gate_MF, up_MF = gate_up_MX[:, :f], gate_up_MX[:, f:]
+    else:
+        gate_MF, up_MF = gemm(x_MD, w_gate_EDF), gemm(x_MD, w_up_EDF)
     h_MF = (jax.nn.silu(gate_MF.astype(jnp.float32)) * up_MF.astype(jnp.float32)).astype(x_MD.dtype)
     return gemm(h_MF, w_down_EFD)
 
