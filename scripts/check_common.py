@@ -30,3 +30,12 @@ def timed(fn, *args, inner=10, outer=5):
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
+
+
+def report(res: dict, failed: list) -> None:
+    """The compact error list (res["errors"]) and the one RESULT line a run ends with."""
+    if res["errors"]:
+        print(f"errors ({len(res['errors'])}):")
+        for k, v in res["errors"].items():
+            print(f"  {k}: {v}")
+    print("RESULT: " + ("all checks passed" if not failed else f"FAILED {failed}"))

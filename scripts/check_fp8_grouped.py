@@ -35,7 +35,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_common import short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import report, short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
 
 # name -> (M rows, K, N, G experts): each expert GEMM as [M, K] x [G, K, N].
 SHAPES = {
@@ -263,12 +263,8 @@ def main():
         print(f"  fwd+bwd {sname} {M}x{K}x{N} / {G} (ms): " + ", ".join(
             f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in layer.items()))
 
-    if res["errors"]:
-        print(f"errors ({len(res['errors'])}):")
-        for k, v in res["errors"].items():
-            print(f"  {k}: {v}")
     save()
-    print("RESULT: " + ("all checks passed" if not failed else f"FAILED {failed}"))
+    report(res, failed)
     print(f"wrote {path}")
 
 

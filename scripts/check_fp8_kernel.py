@@ -32,7 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_common import short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import report, short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
 
 SHAPES = ((4096, 7168, 2048), (4096, 2048, 7168), (16384, 7168, 7168))  # M, K, N
 CHECK_SHAPE = (1024, 1536, 768)
@@ -235,12 +235,8 @@ def main():
     print(f"  fwd+bwd {M}x{Kd}x{N} (ms): " + ", ".join(
         f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in layer.items()))
 
-    if res["errors"]:
-        print(f"errors ({len(res['errors'])}):")
-        for k, v in res["errors"].items():
-            print(f"  {k}: {v}")
     save()
-    print("RESULT: " + ("all checks passed" if not failed else f"FAILED {failed}"))
+    report(res, failed)
     print(f"wrote {path}")
 
 
