@@ -23,7 +23,7 @@ from dsjax import sharding as shd
 from dsjax.config import MeshConfig, replace
 from dsjax.inference import cache as cache_lib
 from dsjax.inference import engine, sampling, speculative
-from dsjax.model import Transformer
+from dsjax.model import Transformer, compute_variables
 
 LOGIT_TOL = 1e-4  # float32 cached decode vs full forward (max abs over all logits)
 NEAR_TIE = 1e-5  # top-2 logit gap below which greedy may legitimately flip between two computations
@@ -368,7 +368,7 @@ def test_decode_loops_read_weights_in_the_compute_dtype(setup, speculative_loop)
     n_consts = loop.params["body_nconsts"]
     weights = [v.aval for v in loop.invars[loop.params["cond_nconsts"]:][:n_consts] if v.aval.ndim >= 2]
     assert weights, "the decode loop closes over no weights"
-    islands = engine.compute_weights(config, s["variables"])  # router kernels, norm scales, router bias
+    islands = compute_variables(config, s["variables"])  # router kernels, norm scales, router bias
     float32_shapes = {x.shape for x in jax.tree_util.tree_leaves(islands) if x.dtype == jnp.float32}
     assert len(float32_shapes) < len(jax.tree_util.tree_leaves(islands)) // 4  # most weights are cast
     wide = [a for a in weights

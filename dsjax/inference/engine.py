@@ -26,7 +26,7 @@ every prompt in one forward and keeps the loop on device. The prefill computes l
 prompt column (the model has no last-column-only head): [B, P, V] float32 is the prefill's
 largest activation.
 
-Weights: both loops run on `model.compute_params` (every weight cast once to the compute dtype
+Weights: both loops run on `model.compute_variables` (every weight cast once to the compute dtype
 inside the jitted call, before the prefill; router kernels, norm scales and the router bias stay
 float32). Master weights are float32 by default, and XLA does not hoist a cast out of the loop
 body: every decode step re-read the float32 weights and wrote bf16 copies. On one H200 with
@@ -47,7 +47,7 @@ from dsjax import sharding as shd
 from dsjax.config import ModelConfig
 from dsjax.inference import cache as cache_lib
 from dsjax.inference import sampling
-from dsjax.model import CacheView, ModelCache, ModelOutput, ReplayIds, Transformer, compute_params
+from dsjax.model import CacheView, ModelCache, ModelOutput, ReplayIds, Transformer, compute_variables
 
 
 class DecodeState(NamedTuple):
@@ -202,16 +202,10 @@ def finish(loop: Loop, max_new_tokens: int, pad_id) -> GenerationResult:
     return GenerationResult(tokens_BN, loop.count_B, replay, loop.step)
 
 
-def compute_weights(config: ModelConfig, variables):
-    """`variables` with the parameters as the layers compute with them (the router collection,
-    the selection bias, is left alone)."""
-    return {**variables, "params": compute_params(config, variables["params"])}
-
-
 def _generate(config: ModelConfig, variables, prompt_tokens_BP, prompt_lengths_B, rng, eos, pad_id, *,
               max_new_tokens: int, sampler: Sampler, record_experts: bool) -> GenerationResult:
     kw = dict(max_new_tokens=max_new_tokens, sampler=sampler)
-    variables = compute_weights(config, variables)
+    variables = compute_variables(config, variables)
     loop = start(config, variables, prompt_tokens_BP, prompt_lengths_B, rng, eos, record_experts=record_experts, **kw)
     loop = advance(config, variables, loop, rng, eos, max_new_tokens, **kw)
     result = finish(loop, max_new_tokens, pad_id)

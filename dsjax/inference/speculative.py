@@ -45,7 +45,7 @@ from dsjax import sharding as shd
 from dsjax.config import ModelConfig
 from dsjax.inference import cache as cache_lib
 from dsjax.inference import engine, sampling
-from dsjax.model import CacheView, ModelCache, Transformer
+from dsjax.model import CacheView, ModelCache, Transformer, compute_variables
 
 
 class Loop(NamedTuple):
@@ -215,7 +215,7 @@ def finish(spec: Loop, max_new_tokens: int, pad_id) -> engine.GenerationResult:
 def _generate(config: ModelConfig, variables, prompt_tokens_BP, prompt_lengths_B, rng, eos, pad_id, *,
               max_new_tokens: int, sampler: engine.Sampler, depth: int) -> engine.GenerationResult:
     kw = dict(max_new_tokens=max_new_tokens, sampler=sampler)
-    variables = engine.compute_weights(config, variables)
+    variables = compute_variables(config, variables)
     spec = start(config, variables, prompt_tokens_BP, prompt_lengths_B, rng, eos, depth=depth, **kw)
     spec = advance(config, variables, spec, rng, eos, max_new_tokens, **kw)
     return finish(spec, max_new_tokens, pad_id)

@@ -13,8 +13,8 @@ and MaskType.PADDING_CAUSAL). Padding is a run of its own, so it never mixes wit
 and its outputs stay finite. The layout has room for MAX_RUNS runs per row; a batch with a row
 holding more takes the exact fallback, an explicit [B, 1, T, S] segment mask, through a lax.cond
 (both branches are compiled; one runs). Measured on one H200 at configs/small.py's shapes
-(B 8, T 2048, 16 heads, width 192), forward + backward: 4.58 ms with the explicit mask, 2.40 ms
-causal-only; the packed layout's cost is measured in BENCHMARKS.md.
+(B 8, T 2048, 16 heads, width 192), forward + backward: 4.58 ms with the explicit mask, 2.26 ms
+packed (3 documents per row), 2.40 ms causal-only (scripts/check_cudnn_attention.py).
 
 On a mesh the call runs per device in a shard_map — batch rows over ('data', 'expert'), heads over
 'tensor' when they divide — so the packed offsets are always computed from one device's own rows

@@ -5,8 +5,11 @@ Layers are stacked with nn.scan (the first_k_dense_replace dense layers and the 
 separate scans), so compile time stays flat in depth; each layer is rematerialized under the
 configured policy: "dots" and "minimal" save matmul outputs (all, or those without batch
 dimensions) and also the outputs of the custom kernels no dot policy recognizes — the routed
-experts' grouped GEMMs and cuDNN attention — which the backward pass would otherwise re-run
-(on one H200, configs/small.py: 3 expert GEMMs of every MoE layer, ~21 ms of a 283 ms step). Per-layer outputs (new cache slices, MoE statistics) come back stacked [L, ...].
+experts' grouped GEMMs and cuDNN attention — which the backward pass would otherwise re-run.
+On one H200 (configs/small.py) this took the attention forward from 20 to 4 ms per step; for the
+expert GEMMs JAX's program no longer recomputes them (tests/test_model.py), yet XLA:GPU still runs
+3 extra per MoE layer under "minimal" — an open question (BUILD_NOTES.md). Per-layer outputs (new
+cache slices, MoE statistics) come back stacked [L, ...].
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ logits, per-layer MoE statistics, the final hidden state and the updated latent 
 changes behind the caller's back: the router bias lives in the `router` collection and is only
 read here.
 
-`compute_params(config, params)` casts the parameters once to what the layers compute with (the
-compute dtype), leaving the float32 islands — router kernels and norm scales — as they are. Every
+`compute_variables(config, variables)` casts the parameters once to what the layers compute with
+(the compute dtype), leaving the float32 islands — router kernels, norm scales and the router
+collection (the selection bias) — as they are. Every
 layer casts its weights itself too, so applying the model to the result gives the same numbers;
 callers do it once outside the layer scans, so that neither the scan nor rematerialization nor a
 decode loop repeats the float32 -> bf16 pass over every weight.
@@ -33,9 +34,10 @@ from dsjax.model.mtp import MTPModule
 FLOAT32_ISLANDS = ("router", "scale")  # module / parameter names the model computes in float32
 
 
-def compute_params(config: ModelConfig, params):
-    """`params` with every floating leaf wider than the compute dtype cast to it, except the
-    float32 islands (any leaf under a module named 'router', every norm 'scale')."""
+def compute_variables(config: ModelConfig, variables: dict) -> dict:
+    """`variables` with every floating parameter wider than the compute dtype cast to it, except the
+    float32 islands (any leaf under a module named 'router', every norm 'scale'); collections other
+    than 'params' are returned as they are."""
     dtype = jnp.dtype(config.dtype)
 
     def cast(path, x):
@@ -43,7 +45,7 @@ def compute_params(config: ModelConfig, params):
         wider = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > dtype.itemsize
         return x.astype(dtype) if wider and not names & set(FLOAT32_ISLANDS) else x
 
-    return jax.tree_util.tree_map_with_path(cast, params)
+    return {**variables, "params": jax.tree_util.tree_map_with_path(cast, variables["params"])}
 
 
 class ModelCache(NamedTuple):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from dsjax import sharding as shd
 from dsjax.config import ModelConfig
-from dsjax.model import ModelOutput, ReplayIds, Transformer, compute_params
+from dsjax.model import ModelOutput, ReplayIds, Transformer, compute_variables
 
 
 def split_rows(x, m: int, axis: int = 0):
@@ -58,7 +58,7 @@ def policy_forward(config: ModelConfig, variables, batch: dict, replay: Optional
         replay = replay._replace(mtp=tuple(replay.mtp) + (None,) * max(missing, 0))  # unrecorded: route live
     elif replay is not None:
         replay = replay._replace(mtp=())
-    variables = {**variables, "params": compute_params(config, variables["params"])}  # cast once, outside the scans
+    variables = compute_variables(config, variables)  # cast once, outside the scans
     with shd.activation_rules():
         return Transformer(config).apply(variables, batch["tokens"], batch["positions"], batch["segment_ids"],
                                          replay=replay, return_mtp=return_mtp, full_output=True)

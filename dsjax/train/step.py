@@ -20,7 +20,7 @@ from flax import linen as nn
 
 from dsjax import sharding as shd
 from dsjax.config import Config
-from dsjax.model import Transformer, compute_params
+from dsjax.model import Transformer, compute_variables
 from dsjax.train import balance
 from dsjax.train.loss import loss_parts
 from dsjax.train.optimizer import schedule
@@ -37,7 +37,7 @@ def loss_and_grads(config: Config, params, router, batch):
 
     def loss_fn(p, mb):
         with nn.logical_axis_rules(shd.ACTIVATION_RULES):
-            out = model.apply({"params": compute_params(config.model, p), **router}, mb["tokens"], mb["positions"], mb["segment_ids"],
+            out = model.apply(compute_variables(config.model, {"params": p, **router}), mb["tokens"], mb["positions"], mb["segment_ids"],
                               return_mtp=use_mtp, full_output=True)
         parts = loss_parts(out, mb, config, normalizer)
         moe_load = out.moe_stats.load_E if out.moe_stats is not None else jnp.zeros((0,), jnp.float32)
