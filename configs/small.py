@@ -3,7 +3,8 @@ transformers peer was measured on (../shared/GPU.md): hidden 2048, 8 layers (1 d
 q_lora 768, kv_lora 512, 64 routed experts top-6 in 8 groups keeping 4, 2 shared, vocab 32768,
 batch 8 × 2048 tokens, bf16 compute, MTP off (transformers has none). GPU fast paths on: dropless
 MoE through the Pallas grouped GEMM, cuDNN flash attention, the flash-decoding kernel, remat
-`minimal` (without remat the step asks for one more 70 GiB buffer than fits on an H200).
+`minimal` (without remat the step asks for one more 70 GiB buffer than fits on an H200), and the
+Pallas block-scaled FP8 kernels when `--config.model.fp8=block`.
 
     python scripts/train.py --config=configs/small.py --workdir=/tmp/dsjax-small \
         --config.data.source=stdlib
@@ -23,7 +24,7 @@ def get_config():
     m.bos_token_id = 257
     m.eos_token_id = 258
     m.dtype = "bfloat16"
-    m.kernel_backend = "xla_gpu"
+    m.kernel_backend = "pallas_gpu"  # the Pallas FP8 kernels when fp8 = "block" (bf16 runs the same either way)
     m.remat = "minimal"
     m.attention = "cudnn"
     m.decode_attention = "pallas"

@@ -1,11 +1,13 @@
 """Train-step benchmark: tokens/s and MFU of a config's training step, and where its time goes.
 
     python scripts/bench.py train --config=configs/small.py [--steps=10] [--variants=capacity,dense]
+    python scripts/bench.py train --config=configs/small.py --variants=dropless/minimal/cudnn/block --nobreakdown
 
 The step is the library's jitted train step (dsjax.train.step) on one device. The breakdown times
 forward+backward of each block kind at the step's shapes — MLA attention layer, dense FFN, MoE
 FFN, output head + loss — times its count, next to the whole step; `--variants` re-times the whole
-step with other MoE dispatch and remat settings.
+step with other MoE dispatch, remat, attention and FP8 settings (DISPATCH/REMAT[/ATTENTION[/FP8]]),
+in the same process: the second command is issue 4's fp8=block against none.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "preset", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps")
-_VARIANTS = flags.DEFINE_list("variants", [], "extra DISPATCH/REMAT[/ATTENTION] settings to time the whole step "
-                              "with, e.g. capacity/minimal/cudnn")
+_VARIANTS = flags.DEFINE_list("variants", [], "extra DISPATCH/REMAT[/ATTENTION[/FP8]] settings to time the whole "
+                              "step with, e.g. capacity/minimal/cudnn or dropless/minimal/cudnn/block")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", True, "also time each block kind alone")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for bench_train.json")
 
@@ -100,11 +102,15 @@ def main(argv):
     use_mtp = c.mtp.num_nextn_predict_layers > 0 and config.train.mtp_weight > 0
     result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "batch": b, "seq_len": t,
               "active_params": flops.active_params(c, use_mtp), "steps": {}}
-    base = f"{c.moe.dispatch}/{c.remat}/{c.attention}"
+    base = f"{c.moe.dispatch}/{c.remat}/{c.attention}/{c.fp8}"
     variants = [base] + [v for v in _VARIANTS.value if v != base]
     for dispatch in variants:
-        kind, remat, attention = (dispatch.split("/") + [c.attention])[:3]
-        cfg = replace(config, **{"model.moe.dispatch": kind, "model.remat": remat, "model.attention": attention})
+        parts = dispatch.split("/")
+        kind, remat = parts[:2]
+        attention = parts[2] if len(parts) > 2 else c.attention
+        fp8 = parts[3] if len(parts) > 3 else c.fp8
+        cfg = replace(config, **{"model.moe.dispatch": kind, "model.remat": remat, "model.attention": attention,
+                                 "model.fp8": fp8})
         try:
             seconds, compile_s, loss = step_seconds(cfg, _STEPS.value)
         except Exception as e:  # a variant that does not fit or compile is recorded, not fatal

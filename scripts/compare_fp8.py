@@ -8,9 +8,9 @@
 
 Issue 4's loss check (DeepSeek-V3 §3.3: relative loss error vs BF16 < 0.25%): each mode trains
 from the same initialization on the same data order (the pipeline is deterministic in the config),
-in its own subdirectory of --workdir (`scripts/train.py`'s loop, metrics.jsonl, checkpoints). The
-comparison is the mean training loss over the last --tail fraction of logged steps, each later
-mode against the first; also the final logged loss and step time. The byte tokenizer on the Python
+in its own subdirectory of --workdir (`scripts/train.py`'s loop and metrics.jsonl; checkpoints
+only with --checkpoints). The comparison is the mean training loss over the last --tail fraction
+of logged steps, each later mode against the first; also the final logged loss and step time. The byte tokenizer on the Python
 standard-library corpus keeps the loss above 1 nat per byte, where a 0.5% difference is not lost
 in FP8 noise. Writes compare_fp8.json and compare_fp8.png (both curves, and the relative
 difference per logged step) into --workdir.
@@ -32,6 +32,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py preset
 _WORKDIR = flags.DEFINE_string("workdir", None, "one subdirectory per mode goes here", required=True)
 _MODES = flags.DEFINE_list("modes", ["none", "block"], "model.fp8 values; the first is the reference")
 _TAIL = flags.DEFINE_float("tail", 0.1, "fraction of logged steps, from the end, averaged for the comparison")
+_CHECKPOINTS = flags.DEFINE_bool("checkpoints", False, "save each mode's checkpoints (the comparison reads only metrics)")
 _MAX_RELATIVE = flags.DEFINE_float("max_relative", 0.005, "the bar: relative loss difference (issue 4: 0.5%)")
 
 
@@ -46,7 +47,7 @@ def main(argv):
     runs, summary = {}, {"command": " ".join(sys.argv), "modes": {}}
     for mode in _MODES.value:
         workdir = os.path.join(_WORKDIR.value, f"fp8-{mode}")
-        train(replace(base, **{"model.fp8": mode}), workdir)
+        train(replace(base, **{"model.fp8": mode}), workdir, checkpoints=_CHECKPOINTS.value)
         rows = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
         if not rows:
             raise RuntimeError(f"{workdir}/metrics.jsonl holds no loss rows")

@@ -179,6 +179,40 @@ def test_remat_saves_the_expert_gemms(remat, expected):
     assert jaxpr.count("ragged_dot_general") == expected
 
 
+def _fp8_gemms_run(monkeypatch, remat: str) -> int:
+    """FP8 GEMMs (dense and expert, all three passes) executed by one gradient of a 2-layer model."""
+    from dsjax.fp8 import dot as fp8_dot, grouped as fp8_grouped
+
+    monkeypatch.undo()  # count through the real functions, not an earlier call's wrappers
+    runs = []
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            y = fn(*args, **kwargs)
+            return jax.pure_callback(lambda v: (runs.append(1), v)[1], jax.ShapeDtypeStruct(y.shape, y.dtype), y)
+        return wrapper
+
+    for module, name in ((fp8_dot, "_block_matmul"), (fp8_grouped, "_m_grouped"), (fp8_grouped, "_k_grouped")):
+        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    config = replace(presets.load("tiny").model, remat=remat, num_hidden_layers=2, fp8="block",
+                     **{"moe.first_k_dense_replace": 1, "moe.dispatch": "dropless", "mtp.num_nextn_predict_layers": 0})
+    tokens = jnp.zeros((2, 128), jnp.int32)
+    variables = nn.unbox(Transformer(config).init(jax.random.PRNGKey(0), tokens))
+    loss = lambda p: Transformer(config).apply({**variables, "params": p}, tokens)[0].astype(jnp.float32).sum()  # noqa: E731
+    jax.block_until_ready(jax.jit(jax.grad(loss))(variables["params"]))
+    return len(runs)
+
+
+def test_remat_saves_the_fp8_gemms(monkeypatch):
+    """With FP8 on, "minimal" keeps the forward GEMMs' outputs (layers.saved_gemm, and optimize_remat
+    on the FP8 custom VJPs, so re-running the forward for its residuals skips the GEMM): it runs
+    exactly the GEMMs "none" runs; "full" re-runs the forward ones."""
+    none, minimal, full = (_fp8_gemms_run(monkeypatch, remat) for remat in ("none", "minimal", "full"))
+    print(f"FP8 GEMMs per gradient: none {none}, minimal {minimal}, full {full}")
+    assert minimal == none
+    assert full > none
+
+
 def test_cudnn_packed_runs_from_segment_ids():
     """The packed layout cuDNN attention gets: each row's runs of equal segment ids (padding is a
     run), lengths and starts in order, -1 after the last; rows with too many runs are flagged."""

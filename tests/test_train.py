@@ -23,7 +23,7 @@ from dsjax import sharding as shd
 from dsjax.config import ModelConfig, replace
 from dsjax.model.router import Router
 from dsjax.train import balance, optimizer as opt, state as st
-from dsjax.train.loop import global_batch, train
+from dsjax.train.loop import TrainingDiverged, global_batch, train
 from dsjax.train.step import loss_and_grads, make_train_step
 
 MESH_GRAD_RTOL = 1e-5  # per leaf ||g1 - g2|| / ||g1||, float32
@@ -144,6 +144,25 @@ def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == uninterrupted[step], step  # bitwise on CPU
+
+
+def test_a_diverging_run_stops_with_the_step_and_the_limit(tmp_path):
+    """lr 1e30 turns the params non-finite after the first update; every later step is skipped, and
+    the loop raises once more than max_consecutive_skips are in a row (checked one step late,
+    between log steps)."""
+    config = train_setup.tiny_config(**{"train.steps": 12, "train.learning_rate": 1e30, "train.warmup_steps": 0,
+                                        "train.max_consecutive_skips": 2, "train.log_every": 100})
+    with pytest.raises(TrainingDiverged, match=r"step [0-9]+: 3 consecutive steps .*max_consecutive_skips=2"):
+        train(config, str(tmp_path), progress=False, checkpoints=False)
+
+
+def test_training_without_checkpoints_saves_none_and_trains_the_same(uninterrupted, tmp_path):
+    workdir = str(tmp_path)
+    train(train_setup.tiny_config(**{"train.steps": 8, "train.checkpoint_every": 3}), workdir, progress=False,
+          checkpoints=False)
+    assert _read_losses(workdir) == uninterrupted
+    saved = os.path.join(workdir, "checkpoints")
+    assert not os.path.isdir(saved) or not [d for d in os.listdir(saved) if d.isdigit()]
 
 
 def test_sigterm_saves_and_resumes(tmp_path):

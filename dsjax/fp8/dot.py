@@ -165,7 +165,7 @@ def _block_bwd(backend, out_dtype, x_dtype, res, dy_MN):
     return dx_MK, dw_KN
 
 
-_block_dot.defvjp(_block_fwd, _block_bwd)
+_block_dot.defvjp(_block_fwd, _block_bwd, optimize_remat=True)
 
 
 # ---- tensor mode ------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def _tensor_bwd(backend, out_dtype, x_dtype, res, dy_MN):
     return dx_MK.astype(x_dtype), dw_KN.astype(w_KN.dtype)
 
 
-_tensor_dot.defvjp(_tensor_fwd, _tensor_bwd)
+_tensor_dot.defvjp(_tensor_fwd, _tensor_bwd, optimize_remat=True)
 
 
 # ---- public -----------------------------------------------------------------------------------

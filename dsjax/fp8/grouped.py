@@ -169,7 +169,7 @@ def _gmm_bwd(backend, out_dtype, x_dtype, res, dy_MN):
     return dx_MK, dw_GKN, None
 
 
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+_gmm.defvjp(_gmm_fwd, _gmm_bwd, optimize_remat=True)
 
 
 def gmm_block(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, backend: str = "xla_cpu",

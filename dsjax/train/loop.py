@@ -36,6 +36,19 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
+def check_skips(step: int, metrics: dict, max_consecutive: int) -> None:
+    """Raises TrainingDiverged when more than `max_consecutive` steps in a row were skipped. The loop
+    checks each step after queueing the next one (a host read of the current step's metrics would
+    wait for it and leave the device idle while the next batch is prepared), so a divergence is
+    raised one step late; the skipped steps left params untouched, so they are still those of the
+    last good step."""
+    consecutive = int(metrics["consecutive_skips"])
+    if consecutive > max_consecutive:
+        raise TrainingDiverged(
+            f"step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
+            f"(train.max_consecutive_skips={max_consecutive}); params are those of the last good step")
+
+
 def global_batch(mesh, local: dict) -> dict:
     """This process's rows -> global arrays sharded over ('data', 'expert')."""
     sharding = shd.batch_sharding(mesh, 2)
@@ -73,8 +86,11 @@ def own_data_state(saved) -> dict:
     return saved[jax.process_index()]
 
 
-def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
-    """Trains from scratch or resumes from workdir; returns the last logged metrics."""
+def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional[jax.sharding.Mesh] = None,
+          checkpoints: bool = True) -> dict:
+    """Trains from scratch or resumes from workdir; returns the last logged metrics. With
+    `checkpoints=False` nothing is saved (runs kept only for their metrics, e.g. comparisons: a
+    configs/small.py checkpoint is ~34 GB)."""
     mesh = mesh or shd.make_mesh(config.mesh)
     config = validate(config, mesh.size)
     t = config.train
@@ -107,17 +123,17 @@ def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional
     bar = tqdm(total=horizon, initial=start, desc="train", disable=not (progress and lead), dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
     with ckpt_lib.catch_sigterm(), jax.set_mesh(mesh):
+        previous = None  # the last step's (step, metrics), read once the next step is queued
         for step in range(start + 1, horizon + 1):
             batch = global_batch(mesh, next(data))
             state, metrics = step_fn(state, batch)
             window_steps += 1
-            consecutive = int(metrics["consecutive_skips"])
-            if consecutive > t.max_consecutive_skips:
-                raise TrainingDiverged(
-                    f"step {step}: {consecutive} consecutive steps had a non-finite loss or gradient "
-                    f"(train.max_consecutive_skips={t.max_consecutive_skips}); params are those of the last good step")
+            if previous is not None:  # reading this step's metrics now would idle the device
+                check_skips(*previous, t.max_consecutive_skips)
+            previous = (step, metrics)
             stop = step == horizon or ckpt_lib.preempted()
             if step % t.log_every == 0 or stop:
+                check_skips(step, metrics, t.max_consecutive_skips)
                 row = {"step": step, **to_python(metrics)}
                 seconds = (time.perf_counter() - window_start) / window_steps
                 row["tokens_per_s"] = tokens_per_step / seconds
@@ -131,7 +147,7 @@ def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 last = row
             bar.update(1)
-            if checkpointer.due(step, force=stop):  # every process's iterator state, gathered
+            if checkpoints and checkpointer.due(step, force=stop):  # every process's iterator state, gathered
                 checkpointer.save(step, state, {"step": step, "data": allgather_json(data.get_state())}, force=stop)
             if stop:
                 break
