@@ -56,6 +56,7 @@ from jax import lax
 
 from dsjax.fallbacks import warn_once
 from dsjax.fp8.quantize import quantize_blocks
+from dsjax.fp8.quantize_kernel import weight_blocks
 
 log = logging.getLogger(__name__)
 
@@ -143,25 +144,37 @@ def _block_dot(x_MK, w_KN, backend, out_dtype, x_dtype):
     return _block_fwd(x_MK, w_KN, backend, out_dtype, x_dtype)[0]
 
 
+def _quantize_both(a_MK, backend):
+    """(q_MK, s_MJ, qt_KM, st_KI): a in 1x128 tiles per row (forward, dgrad) and in 128x1 tiles along
+    tokens, transposed (wgrad's K-major operand). "pallas_gpu" makes both in one pass
+    (quantize_kernel.py, one group of all M rows) when M is a multiple of 128; else two XLA passes."""
+    if backend == "pallas_gpu" and a_MK.shape[0] % BLOCK == 0:
+        from dsjax.fp8 import quantize_kernel
+
+        if quantize_kernel.unfit_reason(a_MK) is None:
+            return quantize_kernel.quantize_rows_and_tiles(a_MK, jnp.full((1,), a_MK.shape[0], jnp.int32))
+    q_MK, s_MJ = quantize_blocks(a_MK, (1, BLOCK))
+    qt_MK, st_IK = quantize_blocks(a_MK, (BLOCK, 1))
+    return q_MK, s_MJ, qt_MK.T, st_IK.T
+
+
 def _block_fwd(x_MK, w_KN, backend, out_dtype, x_dtype):
     del x_dtype
-    qx_MK, sx_MJ = quantize_blocks(x_MK, (1, BLOCK))
-    qw_KN, sw_JL = quantize_blocks(w_KN, (BLOCK, BLOCK))
-    y_MN = _block_matmul(qx_MK, sx_MJ, qw_KN, _per_column(sw_JL, w_KN.shape[1]), backend, out_dtype,
+    qx_MK, sx_MJ, qxt_KM, sxt_KI = _quantize_both(x_MK, backend)  # wgrad's 128x1 tiles cached in fp8
+    _, qwt_NK, sw_JL = (a[0] for a in weight_blocks(w_KN[None], backend))  # w^T: the kernel's K-major b
+    y_MN = _block_matmul(qx_MK, sx_MJ, qwt_NK.T, _per_column(sw_JL, w_KN.shape[1]), backend, out_dtype,
                          sb_blocked=True)
-    qxt_MK, sxt_IK = quantize_blocks(x_MK, (BLOCK, 1))  # wgrad's 128x1 tiles, cached in fp8
-    return y_MN, (qxt_MK, sxt_IK, w_KN)
+    return y_MN, (qxt_KM, sxt_KI, w_KN)
 
 
 def _block_bwd(backend, out_dtype, x_dtype, res, dy_MN):
     del out_dtype
-    qxt_MK, sxt_IK, w_KN = res
+    qxt_KM, sxt_KI, w_KN = res
     K = w_KN.shape[0]
-    qw_KN, sw_JL = quantize_blocks(w_KN, (BLOCK, BLOCK))
-    qdy_MN, sdy_ML = quantize_blocks(dy_MN, (1, BLOCK))
+    qw_KN, _, sw_JL = (a[0] for a in weight_blocks(w_KN[None], backend))
+    qdy_MN, sdy_ML, qdyt_NM, sdyt_NI = _quantize_both(dy_MN, backend)
     dx_MK = _block_matmul(qdy_MN, sdy_ML, qw_KN.T, _per_column(sw_JL.T, K), backend, x_dtype, sb_blocked=True)
-    qdyt_MN, sdyt_IN = quantize_blocks(dy_MN, (BLOCK, 1))
-    dw_KN = _block_matmul(qxt_MK.T, sxt_IK.T, qdyt_MN, sdyt_IN, backend, w_KN.dtype)
+    dw_KN = _block_matmul(qxt_KM, sxt_KI, qdyt_NM.T, sdyt_NI.T, backend, w_KN.dtype)
     return dx_MK, dw_KN
 
 

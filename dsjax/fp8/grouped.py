@@ -49,6 +49,7 @@ from jax import lax
 from dsjax.fallbacks import warn_once
 from dsjax.fp8.dot import BACKENDS, BLOCK, _check_gpu
 from dsjax.fp8.quantize import dequantize_blocks, quantize_blocks
+from dsjax.fp8.quantize_kernel import weight_blocks
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +64,44 @@ def group_tiles(group_sizes_G: jax.Array, m: int) -> tuple[int, jax.Array, jax.A
     return num_tiles, jnp.cumsum(tiles_G) - tiles_G, tiles_G
 
 
-def _pad_groups(x_MD: jax.Array, group_sizes_G: jax.Array, num_tiles: int) -> jax.Array:
-    """x_PD: each group's rows from its first tile on, zeros elsewhere (a gather: one pass over x)."""
-    _, tile_start_G, tiles_G = group_tiles(group_sizes_G, x_MD.shape[0])
+def tile_rows(group_sizes_G: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """(row_start_T, rows_T): for each 128-row tile of the weight-gradient layout, the row of x it
+    starts at and how many of its rows hold data (0 for tiles past the groups)."""
+    num_tiles, tile_start_G, tiles_G = group_tiles(group_sizes_G, m)
+    t_T = jnp.arange(num_tiles, dtype=jnp.int32)
+    g_T = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_G), t_T, side="right"), group_sizes_G.shape[0] - 1)
+    r0_T = (t_T - tile_start_G[g_T]) * BLOCK  # the tile's first row within its group
     row_start_G = jnp.cumsum(group_sizes_G) - group_sizes_G
-    p_P = jnp.arange(num_tiles * BLOCK, dtype=jnp.int32)
-    g_P = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_G), p_P // BLOCK, side="right"),
-                      group_sizes_G.shape[0] - 1)
-    r_P = p_P - tile_start_G[g_P] * BLOCK  # row within its group
-    valid_P = (r_P >= 0) & (r_P < group_sizes_G[g_P])
-    src_P = jnp.clip(row_start_G[g_P] + r_P, 0, x_MD.shape[0] - 1)
-    return jnp.where(valid_P[:, None], x_MD[src_P], jnp.zeros((), x_MD.dtype))
+    return (row_start_G[g_T] + r0_T).astype(jnp.int32), jnp.clip(group_sizes_G[g_T] - r0_T, 0, BLOCK).astype(jnp.int32)
+
+
+def _pad_groups(x_MD: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
+    """x_PD: each group's rows from its first tile on, zeros elsewhere (a gather: one pass over x)."""
+    start_T, rows_T = tile_rows(group_sizes_G, x_MD.shape[0])
+    p_P = jnp.arange(start_T.shape[0] * BLOCK, dtype=jnp.int32)
+    t_P, r_P = p_P // BLOCK, p_P % BLOCK
+    src_P = jnp.clip(start_T[t_P] + r_P, 0, x_MD.shape[0] - 1)
+    return jnp.where((r_P < rows_T[t_P])[:, None], x_MD[src_P], jnp.zeros((), x_MD.dtype))
+
+
+def quantize_rows_and_tiles(x_MD: jax.Array, group_sizes_G: jax.Array, backend: str):
+    """(q_MD, s_MJ, qt_DP, st_DT): x in 1x128 tiles per row (forward, dgrad) and in the weight
+    gradient's tiles (`quantize_wgrad`). "pallas_gpu" makes both in one pass over x
+    (quantize_kernel.py); other backends, and shapes the kernel cannot take, run the XLA passes."""
+    if backend == "pallas_gpu":
+        from dsjax.fp8 import quantize_kernel
+
+        reason = quantize_kernel.unfit_reason(x_MD)
+        if reason is None:
+            return quantize_kernel.quantize_rows_and_tiles(x_MD, group_sizes_G)
+        warn_once(log, ("quantize", reason), f"kernel_backend='pallas_gpu' cannot quantize {reason} in one "
+                  "pass; using XLA's")
+    return (*quantize_blocks(x_MD, (1, BLOCK)), *quantize_wgrad(x_MD, group_sizes_G))
 
 
 def quantize_wgrad(x_MD: jax.Array, group_sizes_G: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x in 128x1 tiles along tokens counted from each group's first row: (q_DP fp8, scale_DT)."""
-    num_tiles, _, _ = group_tiles(group_sizes_G, x_MD.shape[0])
-    return quantize_blocks(_pad_groups(x_MD, group_sizes_G, num_tiles).T, (1, BLOCK))
+    return quantize_blocks(_pad_groups(x_MD, group_sizes_G).T, (1, BLOCK))
 
 
 def _per_column(scale_GJL: jax.Array, n: int) -> jax.Array:
@@ -145,13 +167,9 @@ def _gmm(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype):
 def _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype):
     del x_dtype
     N = w_GKN.shape[2]
-    qx_MK, sx_MJ = quantize_blocks(x_MK, (1, BLOCK))
-    # w[g]^T quantized as it is read (the same blocks and values as quantizing w): the K-major
-    # copy the kernel needs comes out of the quantization pass instead of a second pass over fp8.
-    qwt_GNK, swt_GLJ = quantize_blocks(w_GKN.transpose(0, 2, 1), (BLOCK, BLOCK))
-    y_MN = _m_grouped(qx_MK, sx_MJ, qwt_GNK, _per_column(swt_GLJ.transpose(0, 2, 1), N), group_sizes_G,
-                      backend, out_dtype)
-    qxt_KP, sxt_KT = quantize_wgrad(x_MK, group_sizes_G)  # wgrad's tiles, cached in fp8
+    qx_MK, sx_MJ, qxt_KP, sxt_KT = quantize_rows_and_tiles(x_MK, group_sizes_G, backend)  # wgrad's cached in fp8
+    _, qwt_GNK, sw_GJL = weight_blocks(w_GKN, backend)  # the forward reads w[g]^T (K-major)
+    y_MN = _m_grouped(qx_MK, sx_MJ, qwt_GNK, _per_column(sw_GJL, N), group_sizes_G, backend, out_dtype)
     return y_MN, (qxt_KP, sxt_KT, w_GKN, group_sizes_G)
 
 
@@ -159,12 +177,11 @@ def _gmm_bwd(backend, out_dtype, x_dtype, res, dy_MN):
     del out_dtype
     qxt_KP, sxt_KT, w_GKN, group_sizes_G = res
     K = w_GKN.shape[1]
-    qw_GKN, sw_GJL = quantize_blocks(w_GKN, (BLOCK, BLOCK))
-    qdy_MN, sdy_ML = quantize_blocks(dy_MN, (1, BLOCK))
+    qw_GKN, _, sw_GJL = weight_blocks(w_GKN, backend)
+    qdy_MN, sdy_ML, qdyt_NP, sdyt_NT = quantize_rows_and_tiles(dy_MN, group_sizes_G, backend)
     # dgrad's b is w[g]^T [N, K]; K-major that is w[g] itself.
     dx_MK = _m_grouped(qdy_MN, sdy_ML, qw_GKN, _per_column(sw_GJL.transpose(0, 2, 1), K), group_sizes_G,
                        backend, x_dtype)
-    qdyt_NP, sdyt_NT = quantize_wgrad(dy_MN, group_sizes_G)
     dw_GKN = _k_grouped(qxt_KP, sxt_KT, qdyt_NP, sdyt_NT, group_sizes_G, backend, w_GKN.dtype)
     return dx_MK, dw_GKN, None
 

@@ -1,0 +1,169 @@
+"""One read, both tile orientations: a fused FP8 quantization kernel (DeepSeek-V3 §3.3.2–3.3.3).
+
+    q_MD, s_MJ, qt_DP, st_DT = quantize_rows_and_tiles(a_MD, group_sizes_G)
+
+Block mode quantizes every activation of a GEMM twice: in 1x128 tiles along the features (each
+row; for the forward and input-gradient GEMMs) and in 128x1 tiles along tokens (for the weight
+gradient, §3.3.3), the latter transposed, so that tokens are the contiguous dim the weight-gradient
+kernel contracts, and laid out per group with each group's rows starting on a 128-row tile
+(grouped.py's weight-gradient layout; a dense layer is one group). In XLA that is a row
+quantization, a gather into the padded layout and a transposing quantization — three passes over
+the activation, the transposing ones the slowest fusions of a configs/small.py FP8 step
+(BENCHMARKS.md). This kernel reads each 128x128 tile of the activation once and writes both:
+
+    q_MD  float8_e4m3fn [M, D]   = quantize_blocks(a, (1, 128))[0] on the groups' rows
+    s_MJ  float32 [M, D/128]     its scales
+    qt_DP float8_e4m3fn [D, P]   = quantize_blocks(pad_groups(a).T, (1, 128))[0], P = 128 T
+    st_DT float32 [D, T]         its scales (1 on all-zero tiles, as everywhere in dsjax.fp8)
+
+The same math and rounding as quantize_blocks (scale = amax * fl(1/448), q = rne(clip(x *
+fl(1/scale)))); tests/test_fp8_quantize_kernel.py checks bit equality in Pallas's interpreter.
+Rows of a past the groups are not quantized: their q_MD and s_MJ rows are left unwritten, as the
+grouped kernels never read them (dropless dispatch has no such rows; expert-parallel buffers do).
+
+Pallas' Triton backend (a bandwidth-bound tile transform needs no wgmma, and Triton kernels run in
+the interpreter on CPU, so CI checks this one); D must be a multiple of 128. Each program takes
+one 128-row tile t of the padded layout and one 128-column block j: it reads the tile's rows from
+their dynamic start (a group's rows are contiguous: one 128-row slice), masked past the group's end.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.fp8.quantize import E4M3_MAX, quantize_blocks
+
+BLOCK = 128
+NUM_WARPS = 8
+_INV_E4M3_MAX = float(np.float32(1.0 / E4M3_MAX))  # what XLA's simplifier makes of x / 448
+
+
+def _scales(amax):
+    scale = amax * _INV_E4M3_MAX
+    return jnp.where(scale > 0, scale, 1.0)
+
+
+def _quantized(x, scale):
+    return jnp.clip(x * (1.0 / scale), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+def _kernel(start_ref, rows_ref, a_ref, q_ref, s_ref, qt_ref, st_ref):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    t, j = pl.program_id(0), pl.program_id(1)
+    valid_R = jnp.arange(BLOCK, dtype=jnp.int32) < rows_ref[t]
+    rows = pl.ds(start_ref[t], BLOCK)  # may run past a's end: those rows are masked
+    cols = pl.ds(pl.multiple_of(j * BLOCK, BLOCK), BLOCK)
+    a_RC = plgpu.load(a_ref.at[rows, cols], mask=valid_R[:, None], other=0).astype(jnp.float32)
+    abs_RC = jnp.abs(a_RC)
+
+    scale_R = _scales(abs_RC.max(axis=1))  # 1x128 tiles along the features: one per row
+    plgpu.store(q_ref.at[rows, cols], _quantized(a_RC, scale_R[:, None]), mask=valid_R[:, None])
+    plgpu.store(s_ref.at[j, rows], scale_R, mask=valid_R)
+
+    scale_C = _scales(abs_RC.max(axis=0))  # 128x1 tiles along tokens: one per column
+    qt_ref[...] = _quantized(a_RC.T, scale_C[:, None])
+    st_ref[...] = scale_C
+
+
+@functools.partial(jax.jit, static_argnames=("num_tiles", "interpret"))
+def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    m, d = a_MD.shape
+    j = d // BLOCK
+    whole = pl.BlockSpec(memory_space=None)
+    q_MD, s_JM, qt_DP, st_TD = pl.pallas_call(
+        _kernel,
+        grid=(num_tiles, j),
+        in_specs=[whole, whole, whole],
+        out_specs=[whole, whole,
+                   pl.BlockSpec((BLOCK, BLOCK), lambda t, jj: (jj, t)),
+                   pl.BlockSpec((None, BLOCK), lambda t, jj: (t, jj))],
+        out_shape=[jax.ShapeDtypeStruct((m, d), jnp.float8_e4m3fn),
+                   jax.ShapeDtypeStruct((j, m), jnp.float32),
+                   jax.ShapeDtypeStruct((d, num_tiles * BLOCK), jnp.float8_e4m3fn),
+                   jax.ShapeDtypeStruct((num_tiles, d), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret,
+    )(start_T, rows_T, a_MD)
+    return q_MD, s_JM.T, qt_DP, st_TD.T
+
+
+def _weight_kernel(w_ref, q_ref, qt_ref, s_ref):
+    w_KN = w_ref[...].astype(jnp.float32)
+    scale = _scales(jnp.abs(w_KN).max())  # one per 128x128 block
+    q_ref[...] = _quantized(w_KN, scale)
+    qt_ref[...] = _quantized(w_KN.T, scale)
+    s_ref[...] = scale
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def quantize_weight_blocks(w_GKN: jax.Array, *, interpret: bool = False):
+    """(q_GKN, qt_GNK, s_GJL): stacked weights [G, K, N] in 128x128 blocks, in both K-major
+    orientations (the forward GEMM reads w^T, dgrad w), from one read of each block; equal to
+    quantize_blocks(w, (128, 128)) and to quantize_blocks of w transposed. K and N must be
+    multiples of 128 (`weight_unfit_reason`)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    reason = weight_unfit_reason(w_GKN)
+    if reason is not None:
+        raise ValueError(f"quantize_weight_blocks: {reason}")
+    g, k, n = w_GKN.shape
+    j, l = k // BLOCK, n // BLOCK
+    block = pl.BlockSpec((None, BLOCK, BLOCK), lambda gg, jj, ll: (gg, jj, ll))
+    return pl.pallas_call(
+        _weight_kernel,
+        grid=(g, j, l),
+        in_specs=[block],
+        out_specs=[block, pl.BlockSpec((None, BLOCK, BLOCK), lambda gg, jj, ll: (gg, ll, jj)),
+                   pl.BlockSpec((None, None, None), lambda gg, jj, ll: (gg, jj, ll))],
+        out_shape=[jax.ShapeDtypeStruct((g, k, n), jnp.float8_e4m3fn),
+                   jax.ShapeDtypeStruct((g, n, k), jnp.float8_e4m3fn),
+                   jax.ShapeDtypeStruct((g, j, l), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret,
+    )(w_GKN)
+
+
+def weight_blocks(w_GKN: jax.Array, backend: str):
+    """(q_GKN, qt_GNK, s_GJL) through `quantize_weight_blocks` for backend "pallas_gpu" when it fits;
+    otherwise (other backends, K or N not multiples of 128) XLA's quantize_blocks, whose q^T is the
+    same values transposed (a 128x128 block stays a block)."""
+    if backend == "pallas_gpu" and weight_unfit_reason(w_GKN) is None:
+        return quantize_weight_blocks(w_GKN)
+    q_GKN, s_GJL = quantize_blocks(w_GKN, (BLOCK, BLOCK))
+    return q_GKN, q_GKN.transpose(0, 2, 1), s_GJL
+
+
+def weight_unfit_reason(w_GKN) -> str | None:
+    """Why `quantize_weight_blocks` cannot take w, or None."""
+    if w_GKN.ndim != 3 or w_GKN.shape[1] % BLOCK or w_GKN.shape[2] % BLOCK:
+        return f"weights {w_GKN.shape} (needs [G, K, N] with K and N multiples of {BLOCK})"
+    return None
+
+
+def unfit_reason(a_MD) -> str | None:
+    """Why the kernel cannot take `a`, or None."""
+    if a_MD.ndim != 2 or a_MD.shape[0] == 0 or a_MD.shape[1] % BLOCK:
+        return f"activation {a_MD.shape} (needs [M > 0, D] with D a multiple of {BLOCK})"
+    return None
+
+
+def quantize_rows_and_tiles(a_MD: jax.Array, group_sizes_G: jax.Array, *, interpret: bool = False):
+    """(q_MD, s_MJ, qt_DP, st_DT) of a [M, D] (rows sorted into contiguous groups); see the module
+    docstring. `interpret` runs Pallas's interpreter (CPU tests)."""
+    from dsjax.fp8.grouped import tile_rows
+
+    reason = unfit_reason(a_MD)
+    if reason is not None:
+        raise ValueError(f"quantize_rows_and_tiles: {reason}")
+    start_T, rows_T = tile_rows(group_sizes_G.astype(jnp.int32), a_MD.shape[0])
+    return _call(a_MD, start_T, rows_T, num_tiles=start_T.shape[0], interpret=interpret)
