@@ -31,9 +31,10 @@ how one fp8 x fp8 product runs (`_fp8_matmul`):
 A block-scaled GPU kernel plugs in at one place, `_block_matmul`: for backend "pallas_gpu" it is
 kernel.py's Pallas Mosaic GPU kernel (all three GEMMs of dense layers; `batched=True` still runs
 the XLA split-K path there, and operands the kernel cannot take fall back to it with a warning;
-"tensor" mode is cuBLASLt as for "xla_gpu"). Measured on one H200 (jax 0.11.2, 2026-11-29):
-all three GEMMs of both modes compile to `__cublas$lt$matmul$f8`; one fp8 product differs from the
-exact product of the same q by 0.5-1.3e-4 relative, independent of K (FP8 tensor-core accumulation
+"tensor" mode is cuBLASLt as for "xla_gpu"); "pallas_gpu" also quantizes x, dy and w with
+quantize_kernel.py's fused kernels (both tile orientations from one read). Measured on one H200
+(jax 0.11.2, 2026-11-29), "xla_gpu": all three GEMMs of both modes compile to
+`__cublas$lt$matmul$f8`; one fp8 product differs from the exact product of the same q by 0.5-1.3e-4 relative, independent of K (FP8 tensor-core accumulation
 between promotions); at M, K, N = 8192, 7168, 2048 in bf16, fwd+bwd took 1.16 ms for "none",
 1.22 ms for "tensor" and 14.6 ms for "block" (the scan of K/128 GEMMs is bound by the traffic of
 its f32 accumulator), which is what that kernel is for.

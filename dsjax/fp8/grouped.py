@@ -25,7 +25,9 @@ float32; a product of two E4M3 values is exact in float32, so this differs from 
 promotion only by float32 rounding). It is the CPU path and the reference for the kernels.
 "pallas_gpu" runs grouped_kernel.py's Mosaic GPU kernels (M-grouped for forward and dgrad,
 K-grouped for wgrad), imported on first use; shapes they cannot take fall back to the reference
-path with one warning per shape, and off a GPU it raises dot._check_gpu's error.
+path with one warning per shape, and off a GPU it raises dot._check_gpu's error. It also quantizes
+through quantize_kernel.py's fused kernels: x (and dy) into its 1x128 row tiles and wgrad's layout
+in one pass (`quantize_rows_and_tiles`), w into both K-major orientations in one pass.
 
 GEMM-local letters as in dot.py: M rows (tokens x top-k, sorted by expert), K contraction of the
 forward, N its output columns, G groups; J, L count the 128-blocks of K, N; P rows of the padded
