@@ -71,3 +71,20 @@ def test_weight_blocks_in_both_orientations_equal_quantize_blocks():
     q_odd_want, s_odd_want = quantize_blocks(odd, (128, 128))
     np.testing.assert_array_equal(_bits(qt_odd), _bits(q_odd_want.transpose(0, 2, 1)))
     np.testing.assert_array_equal(_bits(s_odd), _bits(s_odd_want))
+
+
+def test_kernels_lower_for_cuda(monkeypatch):
+    """Pallas -> Triton lowering for sm_90 on CPU (no PTX): the dynamic-start masked tiles, the
+    in-register transposes, the fp8 stores and the per-block scalar scale."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+    from jax.experimental.pallas import triton as plgpu
+
+    if jax.__version_info__ >= (0, 11):  # 0.11 asks the device which GPU it lowers for; 0.10 assumes sm_90
+        monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info",
+                            lambda: plgpu.get_gpu_info_from_version(plgpu.GpuVersion.H200))
+    calls = ((quantize_kernel.quantize_rows_and_tiles, (jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16),
+                                                        jax.ShapeDtypeStruct((8,), jnp.int32))),
+             (quantize_kernel.quantize_weight_blocks, (jax.ShapeDtypeStruct((4, 256, 384), jnp.bfloat16),)))
+    for fn, args in calls:
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in text

@@ -240,13 +240,14 @@ class Fp8Dot:
 
     def __call__(self, x: jax.Array, w: jax.Array, *, out_dtype=None, batched: bool = False):
         out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+        if self.mode == "block" and self.backend == "pallas_gpu":
+            _check_gpu(self.backend)  # before any kernel (the quantization's come first)
         if batched:
             if x.ndim < 2 or w.ndim < 3 or x.shape[0] != w.shape[0]:
                 raise ValueError(f"batched fp8 dot needs x [E, ..., K] and w [E, K, *N] with one E; "
                                  f"got x {x.shape}, w {w.shape}")
             dense = self
             if self.mode == "block" and self.backend == "pallas_gpu":
-                _check_gpu(self.backend)
                 # The Pallas kernel has no batching rule; a grouped (expert) variant is future work.
                 warn_once(log, ("batched", self.backend), "kernel_backend='pallas_gpu': batched (expert) "
                            "block-scaled GEMMs run the XLA split-K path (xla_gpu)")

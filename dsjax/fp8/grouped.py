@@ -129,6 +129,9 @@ def _m_grouped(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, backend: str, out_dt
                    f"{qb_GNK.shape}^T: {reason}; using the XLA ragged_dot path")
     K = qa_MK.shape[1]
     a_MK = dequantize_blocks(qa_MK, sa_MJ, (1, BLOCK))
+    # rows past the groups may hold anything (the fused quantization leaves them unwritten): zeroed,
+    # so that no lowering of ragged_dot (masked products, on GPU a dense one) can meet a NaN there
+    a_MK = jnp.where((jnp.arange(a_MK.shape[0]) < group_sizes_G.sum())[:, None], a_MK, 0.0)
     b_GKN = qb_GNK.astype(jnp.float32).transpose(0, 2, 1) * jnp.repeat(sb_GJN, BLOCK, axis=1)[:, :K]
     y_MN = lax.ragged_dot(a_MK, b_GKN, group_sizes_G, precision=lax.Precision.HIGHEST,
                           preferred_element_type=jnp.float32)
