@@ -2,6 +2,7 @@
 
     python scripts/bench.py moe              # on the GPU machine, one run
     python scripts/bench.py moe --quick      # tiny shapes on CPU (xla paths, 4 fake devices): checks the script
+    python scripts/bench.py moe --parts=gmm --xla_tokens=   # only issue 7's grouped-GEMM rows (~2 min less)
 
 (a) check    grouped_gemm 'pallas_mgpu' forward, input grad and weight grad vs jax.lax.ragged_dot in
              float32 (uneven groups, empty groups, rows past the groups), beside XLA's bf16 error.
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _QUICK = flags.DEFINE_boolean("quick", False, "tiny shapes, xla paths only (CPU)")
 _TOKENS = flags.DEFINE_list("tokens", ["16384", "32768", "65536"], "token counts for (b)")
 _XLA_TOKENS = flags.DEFINE_list("xla_tokens", ["16384"], "token counts at which (b) also times grouped_gemm=xla")
+_PARTS = flags.DEFINE_list("parts", ["gmm", "layer"], "rows of (b): gmm (issue 7's 0.7x bar), layer")
 _EP_TOKENS = flags.DEFINE_integer("ep_tokens", 8192, "tokens per device for (c)")
 _REPEAT = flags.DEFINE_integer("repeat", 3, "timed calls after one warm-up call")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for bench_moe.json")
@@ -300,10 +302,17 @@ def main(argv):
     result["gmm"], result["layer"] = [], []
     header = " ".join(f"{k:>12s}" for k in kinds)
     print(f"  {'tokens':>7s} {'what':>6s} {'dense':>8s} {header}  ratio", flush=True)
+    def save():  # after every row: a run cut short by its time limit keeps what it measured
+        os.makedirs(_OUT.value, exist_ok=True)
+        with open(os.path.join(_OUT.value, "bench_moe.json"), "w") as f:
+            json.dump(result, f, indent=2)
+
     for t in tokens:
         use = [k for k in kinds if k != "xla" or t in xla_tokens]
         for what, fn, dense_key in (("gmm", lambda: bench_gmm(t, shape, use), "dense_tflops"),
                                     ("layer", lambda: bench_layer(t, shape, use, jnp.bfloat16), "dense_swiglu_tflops")):
+            if what not in _PARTS.value:
+                continue
             row = attempt(fn)
             row.setdefault("tokens", t)
             result[what].append(row)
@@ -313,6 +322,7 @@ def main(argv):
             best = max((row[k]["tflops"] for k in use if "tflops" in row[k]), default=0.0)
             cells = " ".join(f"{fmt(row[k]) if k in row else '-':>12s}" for k in kinds)
             print(f"  {t:7d} {what:>6s} {row[dense_key]:8.1f} {cells}  {best / row[dense_key]:.2f}", flush=True)
+            save()
 
     n_dev = jax.device_count()
     if n_dev >= 2:
@@ -332,10 +342,7 @@ def main(argv):
                       + ("" if "error" in t else f"  {t['tflops_per_device']:.1f} TFLOP/s per device"), flush=True)
     else:
         print("(c) expert parallel: skipped (one device)", flush=True)
-
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, "bench_moe.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    save()
 
 
 if __name__ == "__main__":
