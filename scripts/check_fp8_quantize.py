@@ -102,10 +102,14 @@ def main(argv):
         print(f"{name:34s} ok={row.get('ok')}  kernel {row.get('kernel_ms', nan):.3f} ms "
               f"({row.get('kernel_gbs', nan):.0f} GB/s)  xla {row.get('xla_ms', nan):.3f} ms "
               f"({row.get('xla_gbs', nan):.0f} GB/s)", flush=True)
+    _save(res)
+    report(res, failed)
+
+
+def _save(res: dict) -> None:
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "check_fp8_quantize.json"), "w") as f:
         json.dump(res, f, indent=2)
-    report(res, failed)
 
 
 if __name__ == "__main__":
