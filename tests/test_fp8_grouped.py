@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dsjax import fp8
+from mgpu_interpreter import interpreter_params, needs_interpreter
 from dsjax.fp8 import grouped
 from dsjax.fp8.quantize import quantize_blocks
 
@@ -125,18 +126,6 @@ def test_pallas_gpu_off_gpu_raises_clear_error():
 
 # ---- kernels, in Pallas's Mosaic GPU interpreter -------------------------------------------------
 
-def _mgpu_interpreter():
-    try:
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-    except ImportError:
-        return None
-    return getattr(plgpu, "InterpretGPUParams", None)
-
-
-needs_interpreter = pytest.mark.skipif(_mgpu_interpreter() is None,
-                                       reason="needs Pallas's Mosaic GPU interpreter (jax >= 0.11)")
-
-
 def _quantized(K, N, sizes, M, seed=0):
     """The quantized operands of all three GEMMs, as gmm_block's custom_vjp builds them."""
     x, w, gs, dy = _operands(K, N, sizes, M, seed)
@@ -159,7 +148,7 @@ KERNEL_CASES = [(256, 256, (100, 0, 5, 200, 15), 330), (200, 136, (300, 0, 5, 16
 def test_m_grouped_kernel_matches_reference_in_interpreter(K, N, sizes, M):
     from dsjax.fp8 import grouped_kernel
 
-    interpret = _mgpu_interpreter()()
+    interpret = interpreter_params()()
     for args in _quantized(K, N, sizes, M)[:2]:
         want = grouped._m_grouped(*args, "xla_cpu", jnp.float32)
         got = grouped_kernel.m_grouped_matmul(*args, jnp.float32, sb_blocked=True, interpret=interpret,
@@ -177,7 +166,7 @@ def test_k_grouped_kernel_matches_reference_in_interpreter(K, N, sizes, M):
     want = grouped._k_grouped(qa, sa, qb, sb, gs, "xla_cpu", jnp.float32)
     _, tile_start, tiles = grouped.group_tiles(gs, 0)
     got = grouped_kernel.k_grouped_matmul(qa, sa, qb, sb, tile_start, tiles, jnp.float32,
-                                          interpret=_mgpu_interpreter()(), num_ctas=2)
+                                          interpret=interpreter_params()(), num_ctas=2)
     assert got.shape == (len(sizes), K, N)
     assert _rel(got, want) < KERNEL_RTOL, _rel(got, want)
 
@@ -203,7 +192,7 @@ def test_gmm_block_pallas_gpu_matches_reference_in_interpreter(monkeypatch):
 
     from dsjax.fp8 import grouped_kernel
 
-    interpret = _mgpu_interpreter()()
+    interpret = interpreter_params()()
     for name in ("m_grouped_matmul", "k_grouped_matmul"):
         monkeypatch.setattr(grouped_kernel, name, functools.partial(getattr(grouped_kernel, name),
                                                                     interpret=interpret, num_ctas=2))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dsjax import fp8
+from mgpu_interpreter import interpreter_params, needs_interpreter
 from dsjax.fp8 import dot as fp8_dot
 from dsjax.fp8.quantize import quantize_blocks
 
@@ -30,15 +31,7 @@ def test_pallas_gpu_backend_off_gpu_raises_clear_error(batched):
         assert "dsjax.fp8.kernel" not in sys.modules  # CPU paths never import Mosaic GPU
 
 
-def _mgpu_interpreter():
-    try:
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-    except ImportError:
-        return None
-    return getattr(plgpu, "InterpretGPUParams", None)
-
-
-@pytest.mark.skipif(_mgpu_interpreter() is None, reason="needs Pallas's Mosaic GPU interpreter (jax >= 0.11)")
+@needs_interpreter
 @pytest.mark.parametrize("M,K,N", [(256, 384, 256), (100, 200, 136)])  # aligned; padded M, K and N
 def test_kernel_matches_split_k_in_interpreter(M, K, N):
     from dsjax.fp8 import kernel
@@ -50,5 +43,5 @@ def test_kernel_matches_split_k_in_interpreter(M, K, N):
     qw, sw = quantize_blocks(w, (128, 128))
     sb = fp8_dot._per_column(sw, N)
     want = fp8_dot._split_k_matmul(qx, sx, qw, sb, "xla_cpu")
-    got = kernel.block_scaled_matmul(qx, sx, qw.T, sb, jnp.float32, interpret=_mgpu_interpreter()(), num_ctas=2)
+    got = kernel.block_scaled_matmul(qx, sx, qw.T, sb, jnp.float32, interpret=interpreter_params()(), num_ctas=2)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

@@ -27,7 +27,7 @@ promotion only by float32 rounding). It is the CPU path and the reference for th
 K-grouped for wgrad), imported on first use; shapes they cannot take fall back to the reference
 path with one warning per shape, and off a GPU it raises dot._check_gpu's error. It also quantizes
 through quantize_kernel.py's fused kernels: x (and dy) into its 1x128 row tiles and wgrad's layout
-in one pass (`quantize_rows_and_tiles`), w into both K-major orientations in one pass.
+in one pass (`quantize_activation`), w into both K-major orientations in one pass.
 
 GEMM-local letters as in dot.py: M rows (tokens x top-k, sorted by expert), K contraction of the
 forward, N its output columns, G groups; J, L count the 128-blocks of K, N; P rows of the padded
@@ -86,7 +86,7 @@ def _pad_groups(x_MD: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
     return jnp.where((r_P < rows_T[t_P])[:, None], x_MD[src_P], jnp.zeros((), x_MD.dtype))
 
 
-def quantize_rows_and_tiles(x_MD: jax.Array, group_sizes_G: jax.Array, backend: str):
+def quantize_activation(x_MD: jax.Array, group_sizes_G: jax.Array, backend: str):
     """(q_MD, s_MJ, qt_DP, st_DT): x in 1x128 tiles per row (forward, dgrad) and in the weight
     gradient's tiles (`quantize_wgrad`). "pallas_gpu" makes both in one pass over x
     (quantize_kernel.py); other backends, and shapes the kernel cannot take, run the XLA passes."""
@@ -172,7 +172,7 @@ def _gmm(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype):
 def _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype):
     del x_dtype
     N = w_GKN.shape[2]
-    qx_MK, sx_MJ, qxt_KP, sxt_KT = quantize_rows_and_tiles(x_MK, group_sizes_G, backend)  # wgrad's cached in fp8
+    qx_MK, sx_MJ, qxt_KP, sxt_KT = quantize_activation(x_MK, group_sizes_G, backend)  # wgrad's cached in fp8
     _, qwt_GNK, sw_GJL = weight_blocks(w_GKN, backend)  # the forward reads w[g]^T (K-major)
     y_MN = _m_grouped(qx_MK, sx_MJ, qwt_GNK, _per_column(sw_GJL, N), group_sizes_G, backend, out_dtype)
     return y_MN, (qxt_KP, sxt_KT, w_GKN, group_sizes_G)
@@ -183,7 +183,7 @@ def _gmm_bwd(backend, out_dtype, x_dtype, res, dy_MN):
     qxt_KP, sxt_KT, w_GKN, group_sizes_G = res
     K = w_GKN.shape[1]
     qw_GKN, _, sw_GJL = weight_blocks(w_GKN, backend)
-    qdy_MN, sdy_ML, qdyt_NP, sdyt_NT = quantize_rows_and_tiles(dy_MN, group_sizes_G, backend)
+    qdy_MN, sdy_ML, qdyt_NP, sdyt_NT = quantize_activation(dy_MN, group_sizes_G, backend)
     # dgrad's b is w[g]^T [N, K]; K-major that is w[g] itself.
     dx_MK = _m_grouped(qdy_MN, sdy_ML, qw_GKN, _per_column(sw_GJL.transpose(0, 2, 1), K), group_sizes_G,
                        backend, x_dtype)

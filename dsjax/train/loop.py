@@ -133,7 +133,8 @@ def train(config: Config, workdir: str, *, progress: bool = True, mesh: Optional
             previous = (step, metrics)
             stop = step == horizon or ckpt_lib.preempted()
             if step % t.log_every == 0 or stop:
-                check_skips(step, metrics, t.max_consecutive_skips)
+                check_skips(*previous, t.max_consecutive_skips)  # the log reads the metrics anyway
+                previous = None
                 row = {"step": step, **to_python(metrics)}
                 seconds = (time.perf_counter() - window_start) / window_steps
                 row["tokens_per_s"] = tokens_per_step / seconds
