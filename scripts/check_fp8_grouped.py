@@ -87,11 +87,8 @@ def main():
     bf16_kernels = True
     configs = {"": GK.M_GROUPED, " wg": GK.Config(stages=3, grid_tile_width=8, semantics="warpgroup")}
     if args.cpu_interpret:
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-        interpret = plgpu.InterpretGPUParams()
-        GK.m_grouped_matmul = functools.partial(GK.m_grouped_matmul, interpret=interpret, num_ctas=2)
-        GK.k_grouped_matmul = functools.partial(GK.k_grouped_matmul, interpret=interpret, num_ctas=2)
-        jax.default_backend = lambda: "gpu"  # let grouped.py's pallas_gpu check pass (dry run only)
+        from dsjax.fp8 import interpret
+        interpret.use_interpreters()  # every FP8 kernel interpreted; the pallas_gpu check passes (dry run only)
         ref_backend, bf16_kernels = "xla_cpu", False
         shapes = {"tiny up": (600, 256, 384, 4), "tiny down": (600, 384, 256, 4)}
         checks = {"aligned": (330, 256, 256, 4), "unaligned": (300, 200, 136, 3)}

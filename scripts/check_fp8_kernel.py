@@ -64,10 +64,8 @@ def main():
     shapes, check_shape, unaligned_shape = SHAPES, CHECK_SHAPE, UNALIGNED_SHAPE
     layer_shape = (8192, 7168, 2048)
     if args.cpu_interpret:
-        from jax.experimental.pallas import mosaic_gpu as plgpu
-        K.block_scaled_matmul = functools.partial(K.block_scaled_matmul, interpret=plgpu.InterpretGPUParams(),
-                                                  num_ctas=2)
-        jax.default_backend = lambda: "gpu"  # let dot.py's pallas_gpu check pass (dry run only)
+        from dsjax.fp8 import interpret
+        interpret.use_interpreters()  # every FP8 kernel interpreted; the pallas_gpu check passes (dry run only)
         ref_backend = "xla_cpu"
         shapes, check_shape, layer_shape = ((256, 384, 256),), (256, 384, 256), (256, 256, 128)
         unaligned_shape = (100, 200, 136)

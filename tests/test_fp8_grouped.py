@@ -187,18 +187,13 @@ def test_kernels_lower_for_cuda():
 
 @needs_interpreter
 def test_gmm_block_pallas_gpu_matches_reference_in_interpreter(monkeypatch):
-    """The whole custom_vjp with backend "pallas_gpu" (all three GEMMs in the kernels) vs xla_cpu."""
-    import functools
+    """The whole custom_vjp with backend "pallas_gpu" (all three GEMMs and the fused quantizations in
+    the kernels, run by the interpreters) vs xla_cpu."""
+    from dsjax.fp8 import interpret
 
-    from dsjax.fp8 import grouped_kernel
-
-    interpret = interpreter_params()()
-    for name in ("m_grouped_matmul", "k_grouped_matmul"):
-        monkeypatch.setattr(grouped_kernel, name, functools.partial(getattr(grouped_kernel, name),
-                                                                    interpret=interpret, num_ctas=2))
     x, w, gs, dy = _operands(256, 128, (70, 0, 150, 9), 240)
     want = _vjp(lambda x, w: grouped.gmm_block(x, w, gs, "xla_cpu"), x, w, dy)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # pass dot._check_gpu (interpreter only)
+    interpret.use_interpreters(monkeypatch.setattr)
     got = _vjp(lambda x, w: grouped.gmm_block(x, w, gs, "pallas_gpu"), x, w, dy)
     for name, g, r in zip(("y", "dx", "dw"), got, want):
         assert _rel(g, r) < KERNEL_RTOL, (name, _rel(g, r))
