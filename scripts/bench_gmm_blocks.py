@@ -1,6 +1,7 @@
 """Tile sweep (GPU) for the three Pallas grouped-GEMM kernels of `moe.grouped_gemm=pallas_mgpu`.
 
-    python scripts/bench.py gmm_blocks [--tokens=16384] [--experts=64] [--topk=6]
+    python scripts/bench.py gmm_blocks [--tokens=16384] [--experts=64] [--topk=6] [--aligned]
+        [--candidates=128.128.64.6.4,128.128.64.6.16]
 
 For the routed-expert GEMMs of a MoE layer — up/gate ([rows, D] x [E, D, F]) and down
 ([rows, F] x [E, F, D]) with rows = tokens · top-k spread unevenly over E experts — times the
@@ -26,6 +27,9 @@ _TOPK = flags.DEFINE_integer("topk", 6, "experts per token")
 _HIDDEN = flags.DEFINE_integer("hidden", 2048, "model width D")
 _FFN = flags.DEFINE_integer("ffn", 1408, "expert width F")
 _REPEAT = flags.DEFINE_integer("repeat", 5, "timed calls after a warm-up")
+_CANDIDATES = flags.DEFINE_list("candidates", [], "tilings m.n.k.stages.grid_block_n to time (default: CANDIDATES)")
+_ALIGNED = flags.DEFINE_boolean("aligned", False, "round every group's rows to a multiple of 128 (same total): "
+                                "measures what tiles straddling two groups cost")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for bench_gmm_blocks.json")
 
 # (m, n, k, stages, grid_block_n); invalid or SMEM-overflowing tilings are reported and skipped.
@@ -46,9 +50,13 @@ def main(argv):
     load = r.dirichlet(np.full(e, 4.0))  # uneven, no empty expert on average
     sizes = np.floor(load * rows).astype(np.int32)
     sizes[-1] += rows - sizes.sum()
+    if _ALIGNED.value:  # each group a whole number of 128-row tiles; the rounding goes to the last
+        sizes = sizes // 128 * 128
+        sizes[-1] += rows - sizes.sum()
+    candidates = [tuple(int(v) for v in c.split(".")) for c in _CANDIDATES.value] or CANDIDATES
     sizes_G = jnp.asarray(sizes)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows, "experts": e,
-              "shapes": {}}
+              "aligned": _ALIGNED.value, "shapes": {}}
     for name, (k, n) in (("up", (_HIDDEN.value, _FFN.value)), ("down", (_FFN.value, _HIDDEN.value))):
         keys = jax.random.split(jax.random.key(1), 3)
         x_MK = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
@@ -64,14 +72,14 @@ def main(argv):
                 ("input_grad", gg._mgpu_input_grad, (dy_MN, w_GKN, sizes_G)),
                 ("weight_grad", gg._mgpu_weight_grad, (x_MK, dy_MN, sizes_G))):
             cells = {}
-            for cand in CANDIDATES:
+            for cand in candidates:
                 blocks = gg.Blocks(*cand)
                 try:
                     f = jax.jit(lambda *a, fn=fn, blocks=blocks: fn(*a, blocks=blocks))
                     tflops = flops / seconds_per_call(f, *args, repeat=_REPEAT.value) / 1e12
                     cells[str(cand)] = round(tflops, 1)
                 except Exception as exc:  # an invalid tiling is a row of the table, not a crash
-                    cells[str(cand)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    cells[str(cand)] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
             best = max((v, c) for c, v in cells.items() if isinstance(v, float)) if any(
                 isinstance(v, float) for v in cells.values()) else (0.0, "-")
             rows_out["kernels"][kernel] = {"tilings": cells, "best": best[1], "best_tflops": best[0]}

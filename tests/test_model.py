@@ -179,38 +179,53 @@ def test_remat_saves_the_expert_gemms(remat, expected):
     assert jaxpr.count("ragged_dot_general") == expected
 
 
-def _fp8_gemms_run(monkeypatch, remat: str) -> int:
-    """FP8 GEMMs (dense and expert, all three passes) executed by one gradient of a 2-layer model."""
+def _fp8_passes_run(monkeypatch, remat: str, grad: bool = True) -> tuple[int, int, int]:
+    """(FP8 GEMMs, quantizations of x or dy, quantizations of w) executed by one gradient (or, with
+    grad=False, one forward) of a 2-layer model: every dense and expert GEMM, all three passes."""
     from dsjax.fp8 import dot as fp8_dot, grouped as fp8_grouped
 
     monkeypatch.undo()  # count through the real functions, not an earlier call's wrappers
-    runs = []
+    runs = {"gemm": 0, "x": 0, "w": 0}
 
-    def counted(fn):
+    def counted(fn, kind):
         def wrapper(*args, **kwargs):
-            y = fn(*args, **kwargs)
-            return jax.pure_callback(lambda v: (runs.append(1), v)[1], jax.ShapeDtypeStruct(y.shape, y.dtype), y)
+            out = fn(*args, **kwargs)
+
+            def tick(*v):  # one callback through all outputs: it runs if any of them is used
+                runs[kind] += 1
+                return v
+            flat = out if isinstance(out, tuple) else (out,)
+            flat = jax.pure_callback(tick, tuple(jax.ShapeDtypeStruct(v.shape, v.dtype) for v in flat), *flat)
+            return tuple(flat) if isinstance(out, tuple) else flat[0]
         return wrapper
 
-    for module, name in ((fp8_dot, "_block_matmul"), (fp8_grouped, "_m_grouped"), (fp8_grouped, "_k_grouped")):
-        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    for module, name, kind in ((fp8_dot, "_block_matmul", "gemm"), (fp8_grouped, "_m_grouped", "gemm"),
+                               (fp8_grouped, "_k_grouped", "gemm"), (fp8_dot, "_quantize_both", "x"),
+                               (fp8_grouped, "quantize_activation", "x"), (fp8_dot, "weight_blocks", "w"),
+                               (fp8_grouped, "weight_blocks", "w")):
+        monkeypatch.setattr(module, name, counted(getattr(module, name), kind))
     config = replace(presets.load("tiny").model, remat=remat, num_hidden_layers=2, fp8="block",
                      **{"moe.first_k_dense_replace": 1, "moe.dispatch": "dropless", "mtp.num_nextn_predict_layers": 0})
     tokens = jnp.zeros((2, 128), jnp.int32)
     variables = nn.unbox(Transformer(config).init(jax.random.PRNGKey(0), tokens))
     loss = lambda p: Transformer(config).apply({**variables, "params": p}, tokens)[0].astype(jnp.float32).sum()  # noqa: E731
-    jax.block_until_ready(jax.jit(jax.grad(loss))(variables["params"]))
-    return len(runs)
+    jax.block_until_ready(jax.jit(jax.grad(loss) if grad else loss)(variables["params"]))
+    return runs["gemm"], runs["x"], runs["w"]
 
 
-def test_remat_saves_the_fp8_gemms(monkeypatch):
-    """With FP8 on, "minimal" keeps the forward GEMMs' outputs (layers.saved_gemm, and optimize_remat
-    on the FP8 custom VJPs, so re-running the forward for its residuals skips the GEMM): it runs
-    exactly the GEMMs "none" runs; "full" re-runs the forward ones."""
-    none, minimal, full = (_fp8_gemms_run(monkeypatch, remat) for remat in ("none", "minimal", "full"))
-    print(f"FP8 GEMMs per gradient: none {none}, minimal {minimal}, full {full}")
-    assert minimal == none
-    assert full > none
+def test_remat_saves_the_fp8_gemms_and_operands(monkeypatch):
+    """With FP8 on, "minimal" keeps the forward GEMMs' outputs and their quantized operands
+    (dsjax.remat_names): it runs exactly the GEMMs and quantizations "none" runs, and a gradient
+    quantizes each weight once, as the forward alone does (the backward reuses the forward's
+    blocks); "full" re-runs the forward GEMMs and the forward's activation quantizations."""
+    (none, none_x, none_w), minimal, (full, full_x, full_w) = (
+        _fp8_passes_run(monkeypatch, remat) for remat in ("none", "minimal", "full"))
+    forward_w = _fp8_passes_run(monkeypatch, "none", grad=False)[2]
+    print(f"FP8 GEMMs / x quantizations / w quantizations per gradient: none {none}/{none_x}/{none_w}, "
+          f"minimal {minimal}, full {full}/{full_x}/{full_w}; forward alone quantizes {forward_w} weights")
+    assert minimal == (none, none_x, none_w)
+    assert none_w == forward_w
+    assert full > none and full_x > none_x
 
 
 def test_cudnn_packed_runs_from_segment_ids():

@@ -16,9 +16,11 @@ Modes (`config.model.fp8`):
 - "none":   the input-dtype dot (float32 accumulation), result in out_dtype; plain autodiff.
 - "tensor": one current scale amax / 448 per tensor for x, w and dy in all three GEMMs.
 - "block":  DeepSeek's recipe above.
-In "tensor" and "block", dx and dw come back in the dtypes of x and w. The forward caches x in fp8
-(already in the 128x1 tiles wgrad needs) and w itself, which backward re-quantizes: w stays a
-(possibly sharded) parameter instead of a second, gathered fp8 copy held from forward to backward.
+In "tensor" and "block", dx and dw come back in the dtypes of x and w. "block"'s forward quantizes
+w into both K-major orientations in one pass and keeps, as its residuals, x in wgrad's 128x1 tiles
+and w's blocks in dgrad's orientation, named `remat_names.FP8_OPERANDS`: a remat'd layer then saves
+them (1 byte per element) rather than re-running both quantizations in the backward pass
+(configs/small.py on one H200: BENCHMARKS.md). "tensor" keeps x in fp8 and w itself.
 
 Backends (`config.model.kernel_backend`; chosen by that value, never by probing the platform) set
 how one fp8 x fp8 product runs (`_fp8_matmul`):
@@ -58,6 +60,7 @@ from jax import lax
 from dsjax.fallbacks import warn_once
 from dsjax.fp8.quantize import quantize_blocks
 from dsjax.fp8.quantize_kernel import weight_blocks
+from dsjax.remat_names import FP8_OPERANDS, saved
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +143,9 @@ def _per_column(scale_JL: jax.Array, n: int) -> jax.Array:
 
 # ---- block mode -------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _block_dot(x_MK, w_KN, backend, out_dtype, x_dtype):
-    return _block_fwd(x_MK, w_KN, backend, out_dtype, x_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _block_dot(x_MK, w_KN, backend, out_dtype, x_dtype, w_dtype):
+    return _block_fwd(x_MK, w_KN, backend, out_dtype, x_dtype, w_dtype)[0]
 
 
 def _quantize_both(a_MK, backend):
@@ -159,27 +162,27 @@ def _quantize_both(a_MK, backend):
     return q_MK, s_MJ, qt_MK.T, st_IK.T
 
 
-def _block_fwd(x_MK, w_KN, backend, out_dtype, x_dtype):
-    del x_dtype
-    qx_MK, sx_MJ, qxt_KM, sxt_KI = _quantize_both(x_MK, backend)  # wgrad's 128x1 tiles cached in fp8
-    _, qwt_NK, sw_JL = (a[0] for a in weight_blocks(w_KN[None], backend))  # w^T: the kernel's K-major b
+def _block_fwd(x_MK, w_KN, backend, out_dtype, x_dtype, w_dtype):
+    del x_dtype, w_dtype
+    qx_MK, sx_MJ, qxt_KM, sxt_KI = _quantize_both(x_MK, backend)
+    qw_KN, qwt_NK, sw_JL = (a[0] for a in weight_blocks(w_KN[None], backend))  # both orientations, one read
     y_MN = _block_matmul(qx_MK, sx_MJ, qwt_NK.T, _per_column(sw_JL, w_KN.shape[1]), backend, out_dtype,
                          sb_blocked=True)
-    return y_MN, (qxt_KM, sxt_KI, w_KN)
+    # the backward's operands, made here once: wgrad's 128x1 tiles of x and dgrad's K-major w
+    return y_MN, saved((qxt_KM, sxt_KI, qw_KN, sw_JL), FP8_OPERANDS)
 
 
-def _block_bwd(backend, out_dtype, x_dtype, res, dy_MN):
+def _block_bwd(backend, out_dtype, x_dtype, w_dtype, res, dy_MN):
     del out_dtype
-    qxt_KM, sxt_KI, w_KN = res
-    K = w_KN.shape[0]
-    qw_KN, _, sw_JL = (a[0] for a in weight_blocks(w_KN[None], backend))
+    qxt_KM, sxt_KI, qw_KN, sw_JL = res
+    K = qw_KN.shape[0]
     qdy_MN, sdy_ML, qdyt_NM, sdyt_NI = _quantize_both(dy_MN, backend)
     dx_MK = _block_matmul(qdy_MN, sdy_ML, qw_KN.T, _per_column(sw_JL.T, K), backend, x_dtype, sb_blocked=True)
-    dw_KN = _block_matmul(qxt_KM, sxt_KI, qdyt_NM.T, sdyt_NI.T, backend, w_KN.dtype)
+    dw_KN = _block_matmul(qxt_KM, sxt_KI, qdyt_NM.T, sdyt_NI.T, backend, w_dtype)
     return dx_MK, dw_KN
 
 
-_block_dot.defvjp(_block_fwd, _block_bwd, optimize_remat=True)
+_block_dot.defvjp(_block_fwd, _block_bwd)
 
 
 # ---- tensor mode ------------------------------------------------------------------------------
@@ -267,8 +270,10 @@ class Fp8Dot:
             # (fwd+bwd 2.48 vs 1.33 ms at 8192x7168x2048).
             y_MN = jnp.matmul(x_MK, w_KN, preferred_element_type=out_dtype)
         else:
-            gemm = _block_dot if self.mode == "block" else _tensor_dot
-            y_MN = gemm(x_MK, w_KN, self.backend, out_dtype, jnp.dtype(x.dtype))
+            if self.mode == "block":
+                y_MN = _block_dot(x_MK, w_KN, self.backend, out_dtype, jnp.dtype(x.dtype), jnp.dtype(w_KN.dtype))
+            else:
+                y_MN = _tensor_dot(x_MK, w_KN, self.backend, out_dtype, jnp.dtype(x.dtype))
         return y_MN.reshape(*lead, *n_dims)
 
 

@@ -52,6 +52,7 @@ from dsjax.fallbacks import warn_once
 from dsjax.fp8.dot import BACKENDS, BLOCK, _check_gpu
 from dsjax.fp8.quantize import dequantize_blocks, quantize_blocks
 from dsjax.fp8.quantize_kernel import weight_blocks
+from dsjax.remat_names import FP8_OPERANDS, saved
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,11 @@ def _per_column(scale_GJL: jax.Array, n: int) -> jax.Array:
 
 # ---- the two grouped GEMMs: where the kernels plug in ------------------------------------------
 
-def _m_grouped(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, backend: str, out_dtype) -> jax.Array:
+def _m_grouped(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, backend: str, out_dtype,
+               covered: bool = False) -> jax.Array:
     """y [M, N] (out_dtype) = a[rows of g] @ b[g]^T per group, scales sa per row and chunk, sb per
-    chunk and column (constant over 128-column blocks); zero outside the groups. b is K-major."""
+    chunk and column (constant over 128-column blocks); zero outside the groups unless `covered`
+    (gmm_block) lets the kernel leave them. b is K-major."""
     if backend == "pallas_gpu":
         _check_gpu(backend)
         from dsjax.fp8 import grouped_kernel
@@ -123,7 +126,7 @@ def _m_grouped(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, backend: str, out_dt
         reason = grouped_kernel.m_grouped_unfit_reason(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G)
         if reason is None:
             return grouped_kernel.m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype,
-                                                   sb_blocked=True)
+                                                   sb_blocked=True, covered=covered)
         warn_once(log, ("m_grouped", reason, qa_MK.shape, qb_GNK.shape),
                    f"kernel_backend='pallas_gpu' cannot take the FP8 grouped GEMM {qa_MK.shape} @ "
                    f"{qb_GNK.shape}^T: {reason}; using the XLA ragged_dot path")
@@ -164,42 +167,45 @@ def _k_grouped(qa_KP, sa_KT, qb_NP, sb_NT, group_sizes_G, backend: str, out_dtyp
 
 # ---- custom_vjp ---------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _gmm(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype):
-    return _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _gmm(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered):
+    return _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered)[0]
 
 
-def _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype):
-    del x_dtype
+def _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered):
+    del x_dtype, w_dtype
     N = w_GKN.shape[2]
-    qx_MK, sx_MJ, qxt_KP, sxt_KT = quantize_activation(x_MK, group_sizes_G, backend)  # wgrad's cached in fp8
-    _, qwt_GNK, sw_GJL = weight_blocks(w_GKN, backend)  # the forward reads w[g]^T (K-major)
-    y_MN = _m_grouped(qx_MK, sx_MJ, qwt_GNK, _per_column(sw_GJL, N), group_sizes_G, backend, out_dtype)
-    return y_MN, (qxt_KP, sxt_KT, w_GKN, group_sizes_G)
+    qx_MK, sx_MJ, qxt_KP, sxt_KT = quantize_activation(x_MK, group_sizes_G, backend)
+    qw_GKN, qwt_GNK, sw_GJL = weight_blocks(w_GKN, backend)  # both orientations from one read
+    y_MN = _m_grouped(qx_MK, sx_MJ, qwt_GNK, _per_column(sw_GJL, N), group_sizes_G, backend, out_dtype, covered)
+    # the backward's operands, made here once (see remat_names.FP8_OPERANDS): wgrad's tiles of x, dgrad's w
+    return y_MN, (*saved((qxt_KP, sxt_KT, qw_GKN, sw_GJL), FP8_OPERANDS), group_sizes_G)
 
 
-def _gmm_bwd(backend, out_dtype, x_dtype, res, dy_MN):
+def _gmm_bwd(backend, out_dtype, x_dtype, w_dtype, covered, res, dy_MN):
     del out_dtype
-    qxt_KP, sxt_KT, w_GKN, group_sizes_G = res
-    K = w_GKN.shape[1]
-    qw_GKN, _, sw_GJL = weight_blocks(w_GKN, backend)
+    qxt_KP, sxt_KT, qw_GKN, sw_GJL, group_sizes_G = res
+    K = qw_GKN.shape[1]
     qdy_MN, sdy_ML, qdyt_NP, sdyt_NT = quantize_activation(dy_MN, group_sizes_G, backend)
     # dgrad's b is w[g]^T [N, K]; K-major that is w[g] itself.
     dx_MK = _m_grouped(qdy_MN, sdy_ML, qw_GKN, _per_column(sw_GJL.transpose(0, 2, 1), K), group_sizes_G,
-                       backend, x_dtype)
-    dw_GKN = _k_grouped(qxt_KP, sxt_KT, qdyt_NP, sdyt_NT, group_sizes_G, backend, w_GKN.dtype)
+                       backend, x_dtype, covered)
+    dw_GKN = _k_grouped(qxt_KP, sxt_KT, qdyt_NP, sdyt_NT, group_sizes_G, backend, w_dtype)
     return dx_MK, dw_GKN, None
 
 
-_gmm.defvjp(_gmm_fwd, _gmm_bwd, optimize_remat=True)
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm_block(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, backend: str = "xla_cpu",
-              out_dtype=None) -> jax.Array:
+              out_dtype=None, covered: bool = False) -> jax.Array:
     """y [M, N] in out_dtype (default x.dtype): FP8 block-scaled grouped GEMM, zero past the groups.
 
     x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] (int, sum <= M). Differentiable in x
     and w (dx in x.dtype, dw in w.dtype) with DeepSeek-V3's FP8 recipe for all three GEMMs.
+    `covered`: the caller guarantees sum(group_sizes) == M, which lets the Pallas kernels skip
+    zeroing the rows past the groups (a select over y and over dx); a wrong promise leaves garbage
+    in those rows.
     """
     if backend not in BACKENDS:
         raise ValueError(f"kernel_backend {backend!r} is not one of {BACKENDS}")
@@ -210,4 +216,5 @@ def gmm_block(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, backe
     if backend == "pallas_gpu":
         _check_gpu(backend)
     out_dtype = jnp.dtype(x_MK.dtype if out_dtype is None else out_dtype)
-    return _gmm(x_MK, w_GKN, group_sizes_G.astype(jnp.int32), backend, out_dtype, jnp.dtype(x_MK.dtype))
+    return _gmm(x_MK, w_GKN, group_sizes_G.astype(jnp.int32), backend, out_dtype, jnp.dtype(x_MK.dtype),
+                jnp.dtype(w_GKN.dtype), covered)

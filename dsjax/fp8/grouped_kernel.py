@@ -249,13 +249,14 @@ def m_grouped_unfit_reason(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G) -> str |
 
 
 def m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype=jnp.float32,
-                     config: Config | None = None, *, sb_blocked: bool = False, interpret=False,
-                     num_ctas: int | None = None):
+                     config: Config | None = None, *, sb_blocked: bool = False, covered: bool = False,
+                     interpret=False, num_ctas: int | None = None):
     """y [M, N] (out_dtype): y[rows of g] = block-scaled qa[rows] @ qb[g]^T; zero past the groups.
 
     qa [M, K], qb [G, N, K] float8_e4m3fn (K-major), sa [M, ceil(K/128)], sb [G, ceil(K/128), N]
     float32, group_sizes [G] int (sum <= M). sb_blocked=True promises sb constant over each
-    128-column block. `interpret` and `num_ctas` as in kernel.block_scaled_matmul (testing).
+    128-column block. covered=True promises sum(group_sizes) == M: no row lies past the groups, so
+    the zeroing select is skipped. `interpret` and `num_ctas` as in kernel.block_scaled_matmul (testing).
     """
     cfg = config or M_GROUPED
     _check(cfg, out_dtype)
@@ -271,6 +272,8 @@ def m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype=jnp.
     sched = _schedule(group_sizes_G, a.shape[0], cfg.cta_m)
     y = _m_grouped_call(sched, a, b, sa_JM, sb, jnp.dtype(out_dtype), cfg, sb_blocked, interpret, num_ctas)
     y = y[:m, :n]
+    if covered:
+        return y
     in_group_M = jnp.arange(m) < group_sizes_G.sum()
     return jnp.where(in_group_M[:, None], y, jnp.zeros((), y.dtype))
 

@@ -5,9 +5,7 @@
 
 The Mosaic GPU kernels (dense and grouped GEMMs) run in Mosaic GPU's interpreter (jax >= 0.11),
 the Triton quantization kernels in Pallas's interpreter, and `jax.default_backend` reports "gpu"
-so that the backend's off-GPU check lets them through. The FP8 custom VJPs are re-declared
-without `optimize_remat`: the Mosaic GPU interpreter runs kernels through ordered io_callbacks,
-effects that optimize_remat rejects (compiled kernels have none). Same rules, same math.
+so that the backend's off-GPU check lets them through.
 """
 
 from __future__ import annotations
@@ -18,18 +16,11 @@ from typing import Callable
 import jax
 
 
-def _plain(vjp):
-    """`vjp` (a jax.custom_vjp) declared again with the same rules, without optimize_remat."""
-    plain = jax.custom_vjp(vjp.fun, nondiff_argnums=vjp.nondiff_argnums)
-    plain.defvjp(vjp.fwd, vjp.bwd)
-    return plain
-
-
 def use_interpreters(set_attr: Callable = setattr, num_ctas: int = 2) -> None:
     """Points the FP8 modules at interpreted kernels (`set_attr(module, name, value)` for each)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from dsjax.fp8 import dot, grouped, grouped_kernel, kernel, quantize_kernel
+    from dsjax.fp8 import grouped_kernel, kernel, quantize_kernel
 
     mgpu = plgpu.InterpretGPUParams()
     for module, name in ((kernel, "block_scaled_matmul"), (grouped_kernel, "m_grouped_matmul"),
@@ -37,6 +28,4 @@ def use_interpreters(set_attr: Callable = setattr, num_ctas: int = 2) -> None:
         set_attr(module, name, functools.partial(getattr(module, name), interpret=mgpu, num_ctas=num_ctas))
     for name in ("quantize_rows_and_tiles", "quantize_weight_blocks"):
         set_attr(quantize_kernel, name, functools.partial(getattr(quantize_kernel, name), interpret=True))
-    set_attr(dot, "_block_dot", _plain(dot._block_dot))
-    set_attr(grouped, "_gmm", _plain(grouped._gmm))
     set_attr(jax, "default_backend", lambda: "gpu")

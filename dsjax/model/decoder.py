@@ -5,10 +5,10 @@ Layers are stacked with nn.scan (the first_k_dense_replace dense layers and the 
 separate scans), so compile time stays flat in depth; each layer is rematerialized under the
 configured policy: "dots" and "minimal" save matmul outputs (all, or those without batch
 dimensions) and also the outputs of the GEMMs no dot policy recognizes — the routed experts'
-grouped-GEMM kernels and FP8 GEMMs (`layers.saved_gemm`) — and of cuDNN attention, which the
-backward pass would otherwise re-run. On one H200 (configs/small.py) this took the attention
-forward from 20 to 4 ms per step and the expert GEMMs from 12 to 9 kernels per MoE layer
-(BENCHMARKS.md). Per-layer outputs (new cache slices, MoE statistics) come back stacked [L, ...].
+grouped-GEMM kernels and FP8 GEMMs, and the FP8 GEMMs' quantized operands (names in
+`dsjax.remat_names`) — and of cuDNN attention, which the backward pass would otherwise re-run. On
+one H200 (configs/small.py) this took the attention forward from 20 to 4 ms per step and the
+expert GEMMs from 12 to 9 kernels per MoE layer (BENCHMARKS.md). Per-layer outputs (new cache slices, MoE statistics) come back stacked [L, ...].
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ import jax
 from flax import linen as nn
 
 from dsjax.config import ModelConfig
-from dsjax.model.layers import SAVED_GEMM, RMSNorm, SwiGLU
+from dsjax.model.layers import RMSNorm, SwiGLU
 from dsjax.model.mla import MLA, CacheView, LayerCache
 from dsjax.model.moe import MoE
+from dsjax.remat_names import FP8_OPERANDS, SAVED_GEMM
 
-_SAVE_NAMED_GEMMS = jax.checkpoint_policies.save_only_these_names(SAVED_GEMM)
+_SAVE_NAMED = jax.checkpoint_policies.save_only_these_names(SAVED_GEMM, FP8_OPERANDS)
 
 
 def _save_kernels(prim, *args, **params) -> bool:
-    """The custom kernels' forward outputs: GEMMs named by layers.saved_gemm (expert grouped GEMMs,
-    FP8 GEMMs) and cuDNN flash attention (its output and softmax statistics, the residuals its backward needs;
+    """The custom kernels' forward outputs: values named in dsjax.remat_names (expert grouped GEMMs,
+    FP8 GEMMs and their quantized operands) and cuDNN flash attention (its output and softmax statistics, the residuals its backward needs;
     a few MB per layer against re-running the attention forward)."""
-    return prim.name.startswith("dot_product_attention_fwd") or _SAVE_NAMED_GEMMS(prim, *args, **params)
+    return prim.name.startswith("dot_product_attention_fwd") or _SAVE_NAMED(prim, *args, **params)
 
 
 REMAT_POLICIES = {

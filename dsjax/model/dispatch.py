@@ -27,7 +27,7 @@ from dsjax.config import ModelConfig
 from dsjax.fp8 import gmm_block
 from dsjax.fp8.dot import BLOCK as FP8_BLOCK
 from dsjax.model.grouped_gemm import gmm
-from dsjax.model.layers import saved_gemm
+from dsjax.remat_names import SAVED_GEMM, saved
 
 
 def fp8_backend(config: ModelConfig) -> Optional[str]:
@@ -45,12 +45,12 @@ def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_g
     up run as one [E, D, 2F] GEMM when F is a multiple of 128: x and its wgrad tiles are quantized
     once instead of twice, and the weights' concatenation fuses into their per-step quantization.
     The 128x128 weight blocks and 1x128 tiles are then exactly those of the two separate GEMMs."""
-    def gemm(a_MK, w_EKN):  # saved by remat (layers.saved_gemm)
+    def gemm(a_MK, w_EKN):  # saved by remat (remat_names.SAVED_GEMM)
         if fp8 is None:
             y_MN = gmm(a_MK, w_EKN, group_sizes_E, grouped_gemm, out_dtype=x_MD.dtype, covered=covered)
         else:
-            y_MN = gmm_block(a_MK, w_EKN, group_sizes_E, fp8, out_dtype=x_MD.dtype)
-        return saved_gemm(y_MN)
+            y_MN = gmm_block(a_MK, w_EKN, group_sizes_E, fp8, out_dtype=x_MD.dtype, covered=covered)
+        return saved(y_MN, SAVED_GEMM)
 
     f = w_gate_EDF.shape[-1]
     if fp8 is not None and f % FP8_BLOCK == 0:

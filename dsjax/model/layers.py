@@ -5,10 +5,10 @@ stored as [in..., out...] with logical axis names for every dim; the matmul goes
 `dsjax.fp8.make_dot(config.fp8, config.kernel_backend)`, so one config value switches every dense
 and expert GEMM between bf16/fp32, per-tensor FP8 and DeepSeek's block-scaled FP8.
 
-`saved_gemm` names the outputs of GEMMs that remat's dot policies do not recognize (the FP8
-custom VJPs, the experts' grouped-GEMM kernels) so that decoder.REMAT_POLICIES keeps them as they
-keep plain dots' outputs; otherwise the backward pass re-runs those GEMMs (with FP8 on, 21 of a
-3-layer model's 24 dense forward GEMMs were re-run under remat "minimal").
+FP8 GEMM outputs are named `remat_names.SAVED_GEMM` (remat's dot policies do not recognize the FP8
+custom VJPs) so that decoder.REMAT_POLICIES keeps them as they keep plain dots' outputs; otherwise
+the backward pass re-runs those GEMMs (with FP8 on, 21 of a 3-layer model's 24 dense forward GEMMs
+were re-run under remat "minimal").
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.ad_checkpoint import checkpoint_name
 
 from dsjax import fp8
 from dsjax.config import ModelConfig
+from dsjax.remat_names import SAVED_GEMM, saved
 
 
 def dtype_of(name: str):
@@ -50,24 +50,12 @@ class RMSNorm(nn.Module):
         return (scale.astype(jnp.float32) * y).astype(out_dtype)
 
 
-SAVED_GEMM = "saved_gemm"  # decoder.REMAT_POLICIES saves values of this name
-
-
-def saved_gemm(y):
-    """y named SAVED_GEMM, behind an optimization barrier. The barrier keeps XLA:GPU's
-    dynamic-slice-fusion-rewriter-v2 from cloning the producing kernel call into the fusion that
-    writes the saved value into the layer scan's stacked residuals (it did, for the experts' three
-    forward GEMMs: 12 kernels per MoE layer instead of 9, +23 ms per configs/small.py step); the
-    barrier costs nothing at run time."""
-    return checkpoint_name(jax.lax.optimization_barrier(y), SAVED_GEMM)
-
-
 def matmul(x_NK, w_KM, config: ModelConfig, *, island: bool = False, out_dtype=None):
     """x [N, K] @ w [K, M] through the configured dot: FP8 unless `island` (DeepSeek-V3 §3.3.1 keeps
     the embedding, output head and router in higher precision)."""
     mode = "none" if island else config.fp8
     y_NM = fp8.make_dot(mode, config.kernel_backend)(x_NK, w_KM, out_dtype=out_dtype or dtype_of(config.dtype))
-    return y_NM if mode == "none" else saved_gemm(y_NM)  # a plain dot is saved by the dot policies
+    return y_NM if mode == "none" else saved(y_NM, SAVED_GEMM)  # a plain dot is saved by the dot policies
 
 
 class Dense(nn.Module):
