@@ -203,12 +203,20 @@ def _garbage_outside(y, group_sizes):
     return jnp.where((jnp.arange(y.shape[0]) < group_sizes.sum())[:, None], y, jnp.nan)
 
 
-_WGRAD_DIMS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
-                                                lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+def _masked_weight_grad(x, dy, group_sizes):
+    """dw[g] = (x * in_g)^T dy: like transposed_ragged_dot_mgpu, rows outside a group are zeroed by
+    multiplying (so a NaN anywhere in x or dy spoils every dw[g]: stricter than the kernel, whose
+    products only reach the rows of blocks it shares with a neighbour)."""
+    ends = jnp.cumsum(group_sizes)
+    group_M = jnp.searchsorted(ends, jnp.arange(x.shape[0]), side="right")
+    in_MG = jax.nn.one_hot(group_M, group_sizes.shape[0], dtype=x.dtype)  # rows past the groups: none
+    return jnp.einsum("mk,mg,mn->gkn", x, in_MG, dy)
+
+
 GARBAGE_KERNELS = grouped_gemm.Kernels(
     forward=lambda x, w, g: _garbage_outside(jax.lax.ragged_dot(x, w, g), g),
     input_grad=lambda dy, w, g: _garbage_outside(jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), g), g),
-    weight_grad=lambda x, dy, g: jax.lax.ragged_dot_general(x, dy, g, _WGRAD_DIMS),
+    weight_grad=_masked_weight_grad,
 )
 
 
@@ -226,6 +234,22 @@ def test_grouped_vjp_matches_ragged_dot_autodiff(covered):
     (v1, (dx1, dw1)), (v2, (dx2, dw2)) = ref(x, w), got(x, w)
     assert np.isfinite(np.asarray(dx2)).all()
     assert rel(v2, v1) <= GMM_RTOL and rel(dx2, dx1) <= GMM_RTOL and rel(dw2, dw1) <= GMM_RTOL
+
+
+def test_expert_parallel_keeps_the_kernels_garbage_out(monkeypatch):
+    """The Pallas kernels' contract — rows past the groups come back as garbage (NaN here), the
+    weight gradient zeroes other groups' rows by multiplying — with the expert-parallel path asking
+    them not to zero those rows (dispatch.ffn_grouped's past_groups="unread") still gives the
+    single-device outputs and gradients: the padding pairs of the worst-case pair buffer reach
+    neither the combine, nor the gather's gradient, nor (as NaN) a weight gradient."""
+    monkeypatch.setattr(grouped_gemm, "MGPU", GARBAGE_KERNELS)
+    monkeypatch.setattr(grouped_gemm, "mgpu_unfit_reason", lambda x, w: None)  # float32 through "the kernels"
+    variables, x = init(CONFIG)
+    replay = skewed_ids()
+    want = layer_outputs(CONFIG, variables, x, replay)
+    got, _ = layer_outputs(replace(CONFIG, **{"moe.grouped_gemm": "pallas_mgpu"}), variables, x, replay,
+                           make_mesh((1, 4, 1)))
+    assert_agree(want, got)
 
 
 def test_gmm_falls_back_on_shapes_the_kernel_cannot_take(caplog):

@@ -203,9 +203,9 @@ def gmm_block(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, backe
 
     x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] (int, sum <= M). Differentiable in x
     and w (dx in x.dtype, dw in w.dtype) with DeepSeek-V3's FP8 recipe for all three GEMMs.
-    `covered`: the caller guarantees sum(group_sizes) == M, which lets the Pallas kernels skip
-    zeroing the rows past the groups (a select over y and over dx); a wrong promise leaves garbage
-    in those rows.
+    `covered`: as in grouped_gemm.gmm — every row is in a group, or the caller never reads the rows
+    past the groups — which lets the Pallas kernels skip zeroing them (a select over y and over
+    dx); those rows then hold garbage.
     """
     if backend not in BACKENDS:
         raise ValueError(f"kernel_backend {backend!r} is not one of {BACKENDS}")

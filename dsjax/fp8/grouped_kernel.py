@@ -255,8 +255,8 @@ def m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype=jnp.
 
     qa [M, K], qb [G, N, K] float8_e4m3fn (K-major), sa [M, ceil(K/128)], sb [G, ceil(K/128), N]
     float32, group_sizes [G] int (sum <= M). sb_blocked=True promises sb constant over each
-    128-column block. covered=True promises sum(group_sizes) == M: no row lies past the groups, so
-    the zeroing select is skipped. `interpret` and `num_ctas` as in kernel.block_scaled_matmul (testing).
+    128-column block. covered=True skips the zeroing select (the caller has no row past
+    the groups, or never reads those rows: they are then garbage). `interpret` and `num_ctas` as in kernel.block_scaled_matmul (testing).
     """
     cfg = config or M_GROUPED
     _check(cfg, out_dtype)

@@ -37,14 +37,28 @@ def fp8_backend(config: ModelConfig) -> Optional[str]:
 
 
 def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla",
-                covered: bool = False, fp8: Optional[str] = None):
-    """SwiGLU experts over rows sorted into contiguous expert groups; rows past the groups give 0
-    (`covered`: there are none). Outputs in x's dtype: the GEMMs accumulate in float32 and round
-    once, and the SwiGLU product is taken in float32. With `fp8` (a kernel backend, see
-    `fp8_backend`) the GEMMs are DeepSeek-V3's block-scaled FP8 (dsjax.fp8.gmm_block), and gate and
-    up run as one [E, D, 2F] GEMM when F is a multiple of 128: x and its wgrad tiles are quantized
-    once instead of twice, and the weights' concatenation fuses into their per-step quantization.
-    The 128x128 weight blocks and 1x128 tiles are then exactly those of the two separate GEMMs."""
+                past_groups: str = "zeroed", fp8: Optional[str] = None):
+    """SwiGLU experts over rows sorted into contiguous expert groups. `past_groups` says what the
+    caller knows of the rows past sum(group_sizes):
+      "zeroed"  they may exist and come back as 0 (the grouped GEMMs zero them: select passes);
+      "absent"  there are none (single-device dropless): nothing to zero;
+      "unread"  they exist, but the caller never reads their output nor lets their gradient reach
+                anything (expert_parallel's padding pairs): the GEMMs skip zeroing them, and gate
+                and up are zeroed there inside the SwiGLU's elementwise pass instead (a select
+                fused into it, whose gradient is a select too), so h and the gate/up gradient stay
+                finite everywhere, as the weight-gradient kernels need (they zero a neighbouring
+                group's rows by multiplying); the output's rows there are garbage.
+    Outputs in x's dtype: the GEMMs accumulate in float32 and round once, and the SwiGLU product
+    is taken in float32. With `fp8` (a kernel backend, see `fp8_backend`) the GEMMs are
+    DeepSeek-V3's block-scaled FP8 (dsjax.fp8.gmm_block), and gate and up run as one [E, D, 2F]
+    GEMM when F is a multiple of 128: x and its wgrad tiles are quantized once instead of twice.
+    The 128x128 weight blocks and 1x128 tiles are then exactly those of the two separate GEMMs.
+    (XLA's weight quantization fuses the weights' concatenation; the Pallas weights' kernel reads
+    a concatenated copy, 2.4 ms per configs/small.py step on an H200.)"""
+    if past_groups not in ("zeroed", "absent", "unread"):
+        raise ValueError(f"ffn_grouped: past_groups={past_groups!r} is not 'zeroed', 'absent' or 'unread'")
+    covered = past_groups != "zeroed"
+
     def gemm(a_MK, w_EKN):  # saved by remat (remat_names.SAVED_GEMM)
         if fp8 is None:
             y_MN = gmm(a_MK, w_EKN, group_sizes_E, grouped_gemm, out_dtype=x_MD.dtype, covered=covered)
@@ -58,7 +72,11 @@ def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_g
         gate_MF, up_MF = gate_up_MX[:, :f], gate_up_MX[:, f:]
     else:
         gate_MF, up_MF = gemm(x_MD, w_gate_EDF), gemm(x_MD, w_up_EDF)
-    h_MF = (jax.nn.silu(gate_MF.astype(jnp.float32)) * up_MF.astype(jnp.float32)).astype(x_MD.dtype)
+    gate_MF, up_MF = gate_MF.astype(jnp.float32), up_MF.astype(jnp.float32)
+    if past_groups == "unread":
+        in_group_M1 = (jnp.arange(x_MD.shape[0]) < group_sizes_E.sum())[:, None]
+        gate_MF, up_MF = jnp.where(in_group_M1, gate_MF, 0.0), jnp.where(in_group_M1, up_MF, 0.0)
+    h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
     return gemm(h_MF, w_down_EFD)
 
 
@@ -122,7 +140,8 @@ def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, grouped
     inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(n * k, dtype=jnp.int32))
     x_MD = sort_rows(x_ND, order_M, inverse_M, k)
     group_sizes_E = jnp.bincount(flat_ids_M, length=e).astype(jnp.int32)
-    y_MD = ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm, covered=True, fp8=fp8)
+    y_MD = ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm, past_groups="absent",
+                       fp8=fp8)
     y_MD = unsort_rows(y_MD, order_M, inverse_M)  # back to (token, slot) order
     y_ND = (y_MD.reshape(n, k, -1).astype(jnp.float32) * weights_NK[..., None]).sum(1)
     return y_ND, jnp.zeros((), jnp.int32)

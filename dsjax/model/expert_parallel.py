@@ -20,7 +20,12 @@ shards, E_l = E / S local experts, top-k:
 3. Compute. Received rows are expanded into (row, local expert) pairs — at most S·N·min(k, E_l),
    the static worst case — sorted by expert, run through the grouped SwiGLU (dispatch.ffn_grouped:
    grouped_gemm.gmm, whose Pallas kernel skips the empty tail), weighted by the gates and summed
-   per row: one combined row goes back per row received.
+   per row: one combined row goes back per row received. The padding pairs past the real ones are
+   never zeroed inside the grouped GEMMs (ffn_grouped's past_groups="unread"); the combine and the
+   gather's gradient select the real pairs instead, so no extra pass runs over the worst-case
+   buffer. Every other
+   pass over it (the gather, the SwiGLU, the combine) still costs S·N·min(k, E_l) rows, S times a
+   balanced device's N·k: the likely reason expert = 4 scales worse than expert = 2 (BENCHMARKS.md).
 4. Combine. The reverse exchange, a sum over shards, and a psum over 'tensor': each tensor shard
    holds a slice of F, so its down projection is a partial sum (SwiGLU is elementwise in F).
 
@@ -178,18 +183,44 @@ def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, cap, grouped_ge
     m = r * min(k, e_l)  # a row holds at most min(k, E_l) distinct local experts
     order_M = jnp.argsort(ids_F, stable=True)[:m]
     ids_M, row_M = ids_F[order_M], order_M // k
+    real_M = ids_M < e_l  # the real pairs come first; the rest pads the static worst case
     group_sizes_E = jnp.zeros((e_l + 1,), jnp.int32).at[ids_F].add(1)[:e_l]
-    x_MD = jnp.take(x_RD, row_M, axis=0)
     if cap is None:
-        y_MD = dispatch.ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm, fp8=fp8)
+        # Padding pairs lie past the groups, where the grouped GEMMs leave garbage ("unread": no
+        # zeroing pass over the worst-case buffer); it is kept out of the combine here and out of
+        # the gather's gradient by _gather_rows.
+        x_MD = _gather_rows(x_RD, row_M, real_M, r)
+        y_MD = dispatch.ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm,
+                                    past_groups="unread", fp8=fp8)
+        y_MD = jnp.where(real_M[:, None], y_MD, jnp.zeros((), y_MD.dtype))
         dropped = jnp.zeros((), jnp.int32)
     else:  # first `cap` pairs of each expert in arrival order = token order within the data slice
+        x_MD = jnp.take(x_RD, row_M, axis=0)
         starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
         rank_M = jnp.arange(m) - starts_E[jnp.minimum(ids_M, e_l - 1)]
-        real_M = ids_M < e_l
         keep_M = real_M & (rank_M < cap)
         slot_M = jnp.where(keep_M, ids_M * cap + rank_M, e_l * cap)
         y_MD = dispatch.capacity_ffn(x_MD, slot_M, cap, w_gate_EDF, w_up_EDF, w_down_EFD)
         dropped = (real_M & ~keep_M).sum().astype(jnp.int32)
     gate_M = meta_RX[:, k:].reshape(-1)[order_M]
     return jax.ops.segment_sum(y_MD * gate_M[:, None], row_M, num_segments=r), dropped
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_rows(x_RD, row_M, real_M, num_rows: int):
+    """x_RD[row_M], whose gradient sums only the real pairs' rows back (padding pairs' gradients,
+    which the grouped GEMMs leave unwritten, never reach x)."""
+    return jnp.take(x_RD, row_M, axis=0)
+
+
+def _gather_rows_fwd(x_RD, row_M, real_M, num_rows):
+    return _gather_rows(x_RD, row_M, real_M, num_rows), (row_M, real_M)
+
+
+def _gather_rows_bwd(num_rows, res, g_MD):
+    row_M, real_M = res
+    g_MD = jnp.where(real_M[:, None], g_MD, jnp.zeros((), g_MD.dtype))
+    return jax.ops.segment_sum(g_MD, row_M, num_segments=num_rows), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)

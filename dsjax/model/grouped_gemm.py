@@ -17,9 +17,10 @@ Backends (config.moe.grouped_gemm, never chosen by probing the platform):
   The forward/input-grad kernel is ragged_dot_mgpu's, with one change: a tile that holds no row of
   any group skips its K loop (the stock kernel still runs it), so an expert-parallel buffer sized
   for the worst case costs only the rows it actually holds. The kernels write no row outside the
-  groups: where rows can lie outside them (`covered=False`, expert-parallel buffers) the forward
-  output and dx are masked with a select (NaN-safe); dropless single-device dispatch declares
-  `covered=True` (its groups hold every row) and skips both passes. dy needs no mask: both backward
+  groups: with `covered=False` the forward output and dx are masked there with a select
+  (NaN-safe); `covered=True` skips both passes, for callers whose groups hold every row (dropless
+  single-device dispatch) or that never read the rows past them (dispatch.ffn_grouped's
+  past_groups="unread", for expert_parallel's padding pairs). dy needs no mask: both backward
   kernels read only the groups' rows. Operands must be bf16/f16
   with K and N multiples of 128; M is padded to the row block. Anything else falls back to "xla"
   with one warning per shape. Kernel outputs are in the operand dtype (f32 accumulation inside),
@@ -79,7 +80,7 @@ def _row_mask(y, group_sizes_G):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def grouped(x_MK, w_GKN, group_sizes_G, kernels: Kernels, covered: bool):
     """y [M, N] (operand dtype) through `kernels`; rows outside the groups are zeroed unless the
-    caller promises there are none (`covered`: sum(group_sizes) == M)."""
+    caller promises there are none or that it never reads them (`covered`)."""
     y_MN = kernels.forward(x_MK, w_GKN, group_sizes_G)
     return y_MN if covered else _row_mask(y_MN, group_sizes_G)
 
@@ -209,8 +210,9 @@ def mgpu_unfit_reason(x_MK, w_GKN) -> str | None:
 def gmm(x_MK, w_GKN, group_sizes_G, kind: str = "xla", out_dtype=jnp.float32, covered: bool = False):
     """Grouped GEMM of `kind` ("xla" | "pallas_mgpu"): y [M, N] in out_dtype, zero outside the groups.
 
-    `covered`: the caller guarantees sum(group_sizes) == M (every row in a group), which lets the
-    Pallas path skip its row masks; a wrong promise leaves garbage in the uncovered rows."""
+    `covered`: the caller guarantees that every row is in a group, or that it never reads the rows
+    past the groups (nor lets their gradients reach anything), which lets the Pallas path skip its
+    row masks: those rows (of y and of dx) then hold garbage."""
     group_sizes_G = group_sizes_G.astype(jnp.int32)
     if kind == "pallas_mgpu":
         reason = mgpu_unfit_reason(x_MK, w_GKN)
