@@ -11,7 +11,8 @@ by one E4M3 step where x / scale lies within a float32 ulp of a rounding midpoin
 x * fl(1/scale), the kernel too, but XLA:GPU may fuse differently), and prints milliseconds and GB/s
 (bytes read + written by the kernel: 2 per input element, 2 per output element, plus scales).
 Then the same for the weights' kernel (128x128 blocks, w and w^T from one read) on small.py's
-stacked expert weights and a dense kernel, against quantize_blocks of w and of w^T. Writes check_fp8_quantize.json under $OUT (or --out).
+stacked expert weights (gate+up also as two inputs, as the experts pass them) and a dense kernel,
+against quantize_blocks of w (concatenated) and of w^T. Writes check_fp8_quantize.json under $OUT (or --out).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from check_common import report, short_error, timed  # noqa: E402  (scripts/ is 
 
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for check_fp8_quantize.json")
 
-WEIGHTS = (("experts gate+up [64, 2048, 2816]", (64, 2048, 2816)), ("experts down [64, 1408, 2048]", (64, 1408, 2048)),
-           ("dense [1, 2048, 2816]", (1, 2048, 2816)))
+WEIGHTS = (("experts gate+up [64, 2048, 2816]", (64, 2048, 2816), 1),
+           ("experts gate | up, two inputs", (64, 2048, 2816), 2),  # as dispatch.ffn_grouped passes them
+           ("experts down [64, 1408, 2048]", (64, 1408, 2048), 1), ("dense [1, 2048, 2816]", (1, 2048, 2816), 1))
 SHAPES = (("experts x [98304, 2048], 64 groups", 98304, 2048, 64), ("experts dy [98304, 2816], 64 groups", 98304, 2816, 64),
           ("experts h [98304, 1408], 64 groups", 98304, 1408, 64), ("dense x [16384, 2048]", 16384, 2048, 1))
 
@@ -57,8 +59,9 @@ def _activation_case(m, d, g):
     return (a, jnp.asarray(sizes)), 3 * m * d + d * p + 4 * (m * d // 128 + d * p // 128), compare
 
 
-def _weight_case(shape):
-    """(args, bytes the kernel moves, compare) for stacked weights of `shape`: bit equality."""
+def _weight_case(shape, parts):
+    """(args, bytes the kernel moves, compare) for stacked weights of `shape`, given as `parts`
+    equal slices along N (quantized as their concatenation): bit equality."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -67,25 +70,27 @@ def _weight_case(shape):
     bits = lambda x: np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint8)) if x.dtype == jnp.float8_e4m3fn \
         else np.asarray(x)  # noqa: E731
     compare = lambda got, want: {"ok": all(np.array_equal(bits(x), bits(y)) for x, y in zip(got, want))}  # noqa: E731
-    return (w,), 4 * w.size + 4 * w.size // 128 ** 2, compare
+    return tuple(jnp.split(w, parts, axis=2)), 4 * w.size + 4 * w.size // 128 ** 2, compare
 
 
 def main(argv):
     del argv
     import jax
+    import jax.numpy as jnp
     from dsjax.fp8 import grouped, quantize_blocks, quantize_kernel
 
     res, failed = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": [], "errors": {}}, []
     activations = (jax.jit(quantize_kernel.quantize_rows_and_tiles),
                    jax.jit(lambda a, gs: (*quantize_blocks(a, (1, 128)), *grouped.quantize_wgrad(a, gs))))
 
-    def weights_xla(w):  # q, q^T and the scales of w's blocks, as the kernel returns them
+    def weights_xla(*ws):  # q, q^T and the scales of [w_0 | w_1 ...]'s blocks, as the kernel returns them
+        w = jnp.concatenate(ws, axis=2)
         q, s = quantize_blocks(w, (128, 128))
         return q, quantize_blocks(w.transpose(0, 2, 1), (128, 128))[0], s
 
     weights = (jax.jit(quantize_kernel.quantize_weight_blocks), jax.jit(weights_xla))
     cases = [(name, activations, _activation_case(m, d, g)) for name, m, d, g in SHAPES] + \
-            [(name, weights, _weight_case(shape)) for name, shape in WEIGHTS]
+            [(name, weights, _weight_case(shape, parts)) for name, shape, parts in WEIGHTS]
     for name, (kernel, xla), (args, moved, compare) in cases:
         row = {"shape": name}
         try:

@@ -102,6 +102,20 @@ def test_dtypes_bf16_x_f32_w():
     assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
 
 
+def test_gmm_block_takes_weights_to_concatenate():
+    """w as a tuple (the experts' gate and up as one GEMM) gives exactly the GEMM of their
+    concatenation along N — output, dx — and the concatenation's dw, split back per weight."""
+    x, w, gs, dy = _operands(128, 384, (70, 0, 58), 140)
+    w_a, w_b = w[:, :, :128], w[:, :, 128:]
+    y, dx, dw = _vjp(lambda x, w: grouped.gmm_block(x, w, gs, "xla_cpu"), x, w, dy)
+    y2, dx2, (dw_a, dw_b) = _vjp(lambda x, ws: grouped.gmm_block(x, ws, gs, "xla_cpu"), x, (w_a, w_b), dy)
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(dx2, dx)
+    np.testing.assert_array_equal(np.concatenate([dw_a, dw_b], axis=2), dw)
+    with pytest.raises(ValueError, match="tuple of"):
+        grouped.gmm_block(x, (w_a, w_b[:, :64]), gs, "xla_cpu")
+
+
 def test_wgrad_tiles_start_at_each_group():
     """quantize_wgrad's tiles are quantize_blocks' 128x1 tiles of each group's own rows."""
     x, _, gs, _ = _operands(64, 8, (130, 0, 3), 140)
@@ -188,12 +202,16 @@ def test_kernels_lower_for_cuda():
 @needs_interpreter
 def test_gmm_block_pallas_gpu_matches_reference_in_interpreter(monkeypatch):
     """The whole custom_vjp with backend "pallas_gpu" (all three GEMMs and the fused quantizations in
-    the kernels, run by the interpreters) vs xla_cpu."""
+    the kernels, run by the interpreters) vs xla_cpu; also with the weights given as a tuple (the
+    weights' kernel reading two inputs)."""
     from dsjax.fp8 import interpret
 
-    x, w, gs, dy = _operands(256, 128, (70, 0, 150, 9), 240)
+    x, w, gs, dy = _operands(256, 256, (70, 0, 150, 9), 240)
     want = _vjp(lambda x, w: grouped.gmm_block(x, w, gs, "xla_cpu"), x, w, dy)
     interpret.use_interpreters(monkeypatch.setattr)
     got = _vjp(lambda x, w: grouped.gmm_block(x, w, gs, "pallas_gpu"), x, w, dy)
+    y2, dx2, dws = _vjp(lambda x, ws: grouped.gmm_block(x, ws, gs, "pallas_gpu"), x, (w[..., :128], w[..., 128:]), dy)
     for name, g, r in zip(("y", "dx", "dw"), got, want):
         assert _rel(g, r) < KERNEL_RTOL, (name, _rel(g, r))
+    for name, g, r in zip(("y", "dx", "dw"), (y2, dx2, jnp.concatenate(dws, axis=2)), got):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r), err_msg=name)

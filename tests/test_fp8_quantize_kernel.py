@@ -67,10 +67,25 @@ def test_weight_blocks_in_both_orientations_equal_quantize_blocks():
     np.testing.assert_array_equal(_bits(s), _bits(st_want.transpose(0, 2, 1)))
     assert float(s[1, 0, 1]) == 1.0
     odd = w[:, :, :200]  # N not a multiple of 128: the XLA path
-    q_odd, qt_odd, s_odd = quantize_kernel.weight_blocks(odd, "pallas_gpu")
+    q_odd, qt_odd, s_odd = quantize_kernel.weight_blocks((odd,), "pallas_gpu")
     q_odd_want, s_odd_want = quantize_blocks(odd, (128, 128))
     np.testing.assert_array_equal(_bits(qt_odd), _bits(q_odd_want.transpose(0, 2, 1)))
     np.testing.assert_array_equal(_bits(s_odd), _bits(s_odd_want))
+
+
+def test_weight_blocks_of_a_concatenation():
+    """Weights given apart (the experts' gate and up) quantize exactly as their concatenation
+    along N, in the kernel and on XLA's path."""
+    r = np.random.RandomState(3)
+    w = jnp.asarray(r.randn(2, 256, 640) * np.exp(r.randn(2, 1, 640)), jnp.bfloat16)
+    parts = (w[:, :, :256], w[:, :, 256:384], w[:, :, 384:])
+    want = quantize_kernel.quantize_weight_blocks(w, interpret=True)
+    for got in (quantize_kernel.quantize_weight_blocks(*parts, interpret=True),
+                quantize_kernel.weight_blocks(parts, "xla_cpu")):
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(_bits(g), _bits(e))
+    with pytest.raises(ValueError, match="one \\[G, K\\]"):
+        quantize_kernel.quantize_weight_blocks(parts[0], parts[1][:, :128], interpret=True)
 
 
 def test_kernels_lower_for_cuda(monkeypatch):
@@ -84,7 +99,9 @@ def test_kernels_lower_for_cuda(monkeypatch):
                             lambda: plgpu.get_gpu_info_from_version(plgpu.GpuVersion.H200))
     calls = ((quantize_kernel.quantize_rows_and_tiles, (jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16),
                                                         jax.ShapeDtypeStruct((8,), jnp.int32))),
-             (quantize_kernel.quantize_weight_blocks, (jax.ShapeDtypeStruct((4, 256, 384), jnp.bfloat16),)))
+             (quantize_kernel.quantize_weight_blocks, (jax.ShapeDtypeStruct((4, 256, 384), jnp.bfloat16),)),
+             (quantize_kernel.quantize_weight_blocks, (jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16),
+                                                       jax.ShapeDtypeStruct((4, 256, 128), jnp.bfloat16))))
     for fn, args in calls:
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text

@@ -165,7 +165,7 @@ def _quantize_both(a_MK, backend):
 def _block_fwd(x_MK, w_KN, backend, out_dtype, x_dtype, w_dtype):
     del x_dtype, w_dtype
     qx_MK, sx_MJ, qxt_KM, sxt_KI = _quantize_both(x_MK, backend)
-    qw_KN, qwt_NK, sw_JL = (a[0] for a in weight_blocks(w_KN[None], backend))  # both orientations, one read
+    qw_KN, qwt_NK, sw_JL = (a[0] for a in weight_blocks((w_KN[None],), backend))  # both orientations, one read
     y_MN = _block_matmul(qx_MK, sx_MJ, qwt_NK.T, _per_column(sw_JL, w_KN.shape[1]), backend, out_dtype,
                          sb_blocked=True)
     # the backward's operands, made here once: wgrad's 128x1 tiles of x and dgrad's K-major w

@@ -46,6 +46,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dsjax.fallbacks import warn_once
@@ -167,22 +168,23 @@ def _k_grouped(qa_KP, sa_KT, qb_NP, sb_NT, group_sizes_G, backend: str, out_dtyp
 
 # ---- custom_vjp ---------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _gmm(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered):
-    return _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _gmm(x_MK, ws_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered, widths):
+    return _gmm_fwd(x_MK, ws_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered, widths)[0]
 
 
-def _gmm_fwd(x_MK, w_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered):
-    del x_dtype, w_dtype
-    N = w_GKN.shape[2]
+def _gmm_fwd(x_MK, ws_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered, widths):
+    """ws_GKN: a tuple of weights [G, K, N_i] (N_i = widths[i]), used as their concatenation along N."""
+    del x_dtype, w_dtype, widths
     qx_MK, sx_MJ, qxt_KP, sxt_KT = quantize_activation(x_MK, group_sizes_G, backend)
-    qw_GKN, qwt_GNK, sw_GJL = weight_blocks(w_GKN, backend)  # both orientations from one read
-    y_MN = _m_grouped(qx_MK, sx_MJ, qwt_GNK, _per_column(sw_GJL, N), group_sizes_G, backend, out_dtype, covered)
+    qw_GKN, qwt_GNK, sw_GJL = weight_blocks(ws_GKN, backend)  # both orientations from one read
+    y_MN = _m_grouped(qx_MK, sx_MJ, qwt_GNK, _per_column(sw_GJL, qw_GKN.shape[2]), group_sizes_G, backend,
+                      out_dtype, covered)
     # the backward's operands, made here once (see remat_names.FP8_OPERANDS): wgrad's tiles of x, dgrad's w
     return y_MN, (*saved((qxt_KP, sxt_KT, qw_GKN, sw_GJL), FP8_OPERANDS), group_sizes_G)
 
 
-def _gmm_bwd(backend, out_dtype, x_dtype, w_dtype, covered, res, dy_MN):
+def _gmm_bwd(backend, out_dtype, x_dtype, w_dtype, covered, widths, res, dy_MN):
     del out_dtype
     qxt_KP, sxt_KT, qw_GKN, sw_GJL, group_sizes_G = res
     K = qw_GKN.shape[1]
@@ -191,30 +193,36 @@ def _gmm_bwd(backend, out_dtype, x_dtype, w_dtype, covered, res, dy_MN):
     dx_MK = _m_grouped(qdy_MN, sdy_ML, qw_GKN, _per_column(sw_GJL.transpose(0, 2, 1), K), group_sizes_G,
                        backend, x_dtype, covered)
     dw_GKN = _k_grouped(qxt_KP, sxt_KT, qdyt_NP, sdyt_NT, group_sizes_G, backend, w_dtype)
-    return dx_MK, dw_GKN, None
+    ends = np.cumsum(widths)
+    return dx_MK, tuple(dw_GKN[:, :, end - width:end] for end, width in zip(ends, widths)), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def gmm_block(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, backend: str = "xla_cpu",
-              out_dtype=None, covered: bool = False) -> jax.Array:
+def gmm_block(x_MK: jax.Array, w_GKN, group_sizes_G: jax.Array, backend: str = "xla_cpu",
+              out_dtype=None, covered: bool = False):
     """y [M, N] in out_dtype (default x.dtype): FP8 block-scaled grouped GEMM, zero past the groups.
 
     x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] (int, sum <= M). Differentiable in x
     and w (dx in x.dtype, dw in w.dtype) with DeepSeek-V3's FP8 recipe for all three GEMMs.
-    `covered`: as in grouped_gemm.gmm — every row is in a group, or the caller never reads the rows
-    past the groups — which lets the Pallas kernels skip zeroing them (a select over y and over
-    dx); those rows then hold garbage.
+    w may also be a tuple of weights [G, K, N_i] (one dtype), used as their concatenation along N
+    without materializing it (the experts' gate and up projections as one GEMM; their gradients
+    come back as a tuple). `covered`: as in grouped_gemm.gmm — every row is in a group, or the
+    caller never reads the rows past the groups — which lets the Pallas kernels skip zeroing them
+    (a select over y and over dx); those rows then hold garbage.
     """
     if backend not in BACKENDS:
         raise ValueError(f"kernel_backend {backend!r} is not one of {BACKENDS}")
-    if (x_MK.ndim != 2 or w_GKN.ndim != 3 or x_MK.shape[1] != w_GKN.shape[1]
-            or group_sizes_G.shape != (w_GKN.shape[0],) or x_MK.shape[0] == 0):
-        raise ValueError(f"gmm_block needs x [M>0, K], w [G, K, N], group_sizes [G]; got x {x_MK.shape}, "
-                         f"w {w_GKN.shape}, group_sizes {group_sizes_G.shape}")
+    ws_GKN = w_GKN if isinstance(w_GKN, tuple) else (w_GKN,)
+    shapes = [w.shape for w in ws_GKN]
+    if (x_MK.ndim != 2 or x_MK.shape[0] == 0 or not ws_GKN
+            or any(len(sh) != 3 or sh[:2] != (group_sizes_G.shape[0], x_MK.shape[1]) for sh in shapes)
+            or group_sizes_G.shape != (shapes[0][0],) or len({w.dtype for w in ws_GKN}) != 1):
+        raise ValueError(f"gmm_block needs x [M>0, K], w [G, K, N] (or a tuple of [G, K, N_i] of one dtype), "
+                         f"group_sizes [G]; got x {x_MK.shape}, w {shapes}, group_sizes {group_sizes_G.shape}")
     if backend == "pallas_gpu":
         _check_gpu(backend)
     out_dtype = jnp.dtype(x_MK.dtype if out_dtype is None else out_dtype)
-    return _gmm(x_MK, w_GKN, group_sizes_G.astype(jnp.int32), backend, out_dtype, jnp.dtype(x_MK.dtype),
-                jnp.dtype(w_GKN.dtype), covered)
+    return _gmm(x_MK, ws_GKN, group_sizes_G.astype(jnp.int32), backend, out_dtype, jnp.dtype(x_MK.dtype),
+                jnp.dtype(ws_GKN[0].dtype), covered, tuple(sh[2] for sh in shapes))

@@ -52,14 +52,15 @@ def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_g
     is taken in float32. With `fp8` (a kernel backend, see `fp8_backend`) the GEMMs are
     DeepSeek-V3's block-scaled FP8 (dsjax.fp8.gmm_block), and gate and up run as one [E, D, 2F]
     GEMM when F is a multiple of 128: x and its wgrad tiles are quantized once instead of twice.
-    The 128x128 weight blocks and 1x128 tiles are then exactly those of the two separate GEMMs.
-    (XLA's weight quantization fuses the weights' concatenation; the Pallas weights' kernel reads
-    a concatenated copy, 2.4 ms per configs/small.py step on an H200.)"""
+    The 128x128 weight blocks and 1x128 tiles are then exactly those of the two separate GEMMs, and
+    the weights are never concatenated (gmm_block takes them as a tuple: the Pallas weights' kernel
+    reads each block from whichever holds it; a concatenated copy cost 2.4 ms per configs/small.py
+    FP8 step on an H200)."""
     if past_groups not in ("zeroed", "absent", "unread"):
         raise ValueError(f"ffn_grouped: past_groups={past_groups!r} is not 'zeroed', 'absent' or 'unread'")
     covered = past_groups != "zeroed"
 
-    def gemm(a_MK, w_EKN):  # saved by remat (remat_names.SAVED_GEMM)
+    def gemm(a_MK, w_EKN):  # saved by remat (remat_names.SAVED_GEMM); fp8 also takes a tuple of weights
         if fp8 is None:
             y_MN = gmm(a_MK, w_EKN, group_sizes_E, grouped_gemm, out_dtype=x_MD.dtype, covered=covered)
         else:
@@ -68,7 +69,7 @@ def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_g
 
     f = w_gate_EDF.shape[-1]
     if fp8 is not None and f % FP8_BLOCK == 0:
-        gate_up_MX = gemm(x_MD, jnp.concatenate([w_gate_EDF, w_up_EDF], axis=-1))
+        gate_up_MX = gemm(x_MD, (w_gate_EDF, w_up_EDF))  # one GEMM over [w_gate | w_up], not materialized
         gate_MF, up_MF = gate_up_MX[:, :f], gate_up_MX[:, f:]
     else:
         gate_MF, up_MF = gemm(x_MD, w_gate_EDF), gemm(x_MD, w_up_EDF)
