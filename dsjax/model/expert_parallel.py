@@ -23,9 +23,9 @@ shards, E_l = E / S local experts, top-k:
    per row: one combined row goes back per row received. The padding pairs past the real ones are
    never zeroed inside the grouped GEMMs (ffn_grouped's past_groups="unread"); the combine and the
    gather's gradient select the real pairs instead, so no extra pass runs over the worst-case
-   buffer. Every other
-   pass over it (the gather, the SwiGLU, the combine) still costs S·N·min(k, E_l) rows, S times a
-   balanced device's N·k: the likely reason expert = 4 scales worse than expert = 2 (BENCHMARKS.md).
+   buffer. Every other pass over it (the gather, the SwiGLU, the combine) still costs
+   S·N·min(k, E_l) rows, S times a balanced device's N·k: the likely reason expert = 4 scales
+   worse than expert = 2 (BENCHMARKS.md).
 4. Combine. The reverse exchange, a sum over shards, and a psum over 'tensor': each tensor shard
    holds a slice of F, so its down projection is a partial sum (SwiGLU is elementwise in F).
 
