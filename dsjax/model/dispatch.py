@@ -23,6 +23,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
 from dsjax.config import ModelConfig
 from dsjax.fp8 import gmm_block
 from dsjax.fp8.dot import BLOCK as FP8_BLOCK
