@@ -67,6 +67,11 @@ class MoEConfig:
     # Token exchange over the mesh's 'expert' axis (dsjax/model/expert_parallel.py): fixed worst-case
     # buffers through all_to_all (every backend) or ragged_all_to_all (GPU/TPU; XLA:CPU lacks it).
     expert_parallel: str = "all_to_all"  # "all_to_all" | "ragged_all_to_all"
+    # Under expert parallelism with dispatch "dropless": 0 sizes each device's (row, local expert)
+    # pair buffer for the worst case, S·N·min(k, E/S) pairs (no drops); c > 0 sizes it
+    # ceil(c·N·k), c times what a balanced route brings (N tokens per device), and drops, counted,
+    # the pairs that arrive past it.
+    ep_pair_capacity: float = 0.0
     grouped_gemm: str = "xla"  # "xla" (jax.lax.ragged_dot) | "pallas_mgpu" (Hopper Pallas kernels)
 
 
@@ -291,6 +296,7 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> ModelConfig:
                f"num_experts_per_tok={moe.num_experts_per_tok}")
         _check(moe.n_shared_experts >= 0, f"{prefix}.moe.n_shared_experts", "must be >= 0")
         _check(moe.capacity_factor > 0, f"{prefix}.moe.capacity_factor", "must be positive")
+        _check(moe.ep_pair_capacity >= 0, f"{prefix}.moe.ep_pair_capacity", "must be >= 0 (0: worst case, no drops)")
     _check(m.attention == "xla" or m.kernel_backend in ("xla_gpu", "pallas_gpu"), f"{prefix}.attention",
            f"'cudnn' attention needs a GPU kernel_backend, got {m.kernel_backend!r}")
     _check(m.decode_attention == "xla" or m.kernel_backend in ("xla_gpu", "pallas_gpu", "xla_cpu"),

@@ -24,7 +24,8 @@ Analytic (`analytic`, no devices needed; mesh sizes come from config.mesh, no -1
       logits    (1 + mtp)·n·V/t·4 + 2·n·V/t·4   float32 logits per head, softmax and its cotangent
   Per-token intermediates are itemized in `_layer_bytes`. Under expert parallelism a MoE layer's
   buffers are expert_parallel.py's static worst case: r = S·n received rows, M = r·min(k, E/S)
-  (row, expert) pairs; `ep_buffers="expected"` is a what-if dsjax does not implement: r and M at
+  (row, expert) pairs, or M = ceil(c·n·k) with moe.ep_pair_capacity = c > 0 (dropless, drops
+  counted); `ep_buffers="expected"` is a what-if dsjax does not implement: r and M at
   capacity_factor times their means (n·shards per token, n·k). grouped_gemm "xla" adds XLA's dense
   lowering of ragged_dot: three [E/S, M, D] float32 buffers at the backward's peak (XLA:CPU's
   buffer assignment; the first H200 step in BUILD_NOTES hit the same densification);
@@ -198,6 +199,8 @@ def _layer_bytes(config: Config, n: int, moe: bool, ep_buffers: str) -> dict[str
     e_l = e // s_ep
     rows = s_ep * n if s_ep > 1 else n  # received rows (static worst case under EP)
     pairs = rows * min(kk, e_l)
+    if s_ep > 1 and e_cfg.dispatch == "dropless" and e_cfg.ep_pair_capacity > 0:  # bounded, drops counted
+        pairs = min(pairs, math.ceil(e_cfg.ep_pair_capacity * n * kk))
     if ep_buffers == "expected" and s_ep > 1:  # what-if: capacity_factor x the mean (not in dsjax)
         rows = math.ceil(e_cfg.capacity_factor * n * _shards_per_token(config)[1])
         pairs = math.ceil(e_cfg.capacity_factor * n * kk)

@@ -1,13 +1,15 @@
 """Tile sweep (GPU) for the three Pallas grouped-GEMM kernels of `moe.grouped_gemm=pallas_mgpu`.
 
     python scripts/bench.py gmm_blocks [--tokens=16384] [--experts=64] [--topk=6] [--aligned]
-        [--candidates=128.128.64.6.4,128.128.64.6.16]
+        [--candidates=128.128.64.6.4,ws.128.128.64.3.8]
 
 For the routed-expert GEMMs of a MoE layer — up/gate ([rows, D] x [E, D, F]) and down
 ([rows, F] x [E, F, D]) with rows = tokens · top-k spread unevenly over E experts — times the
 forward, input-gradient and weight-gradient kernels of dsjax/model/grouped_gemm.py under several
-`Blocks` tilings, next to a dense bf16 GEMM of the same FLOPs, and prints TFLOP/s per kernel and
-tiling; the defaults in grouped_gemm.py come from this table. Writes bench_gmm_blocks.json under
+tilings, next to a dense bf16 GEMM of the same FLOPs, and prints TFLOP/s per kernel and tiling;
+the defaults in grouped_gemm.py come from this table. A candidate m.n.k.stages.grid_block_n is a
+`Blocks` tiling of the one-warpgroup kernels (jax's, forked); ws.m.n.k.stages.grid_tile_width
+is a `Tiles` of the warp-specialized kernels (model/grouped_gemm_kernel.py). Writes bench_gmm_blocks.json under
 $OUT (when set) or --out.
 """
 
@@ -27,14 +29,14 @@ _TOPK = flags.DEFINE_integer("topk", 6, "experts per token")
 _HIDDEN = flags.DEFINE_integer("hidden", 2048, "model width D")
 _FFN = flags.DEFINE_integer("ffn", 1408, "expert width F")
 _REPEAT = flags.DEFINE_integer("repeat", 5, "timed calls after a warm-up")
-_CANDIDATES = flags.DEFINE_list("candidates", [], "tilings m.n.k.stages.grid_block_n to time (default: CANDIDATES)")
+_CANDIDATES = flags.DEFINE_list("candidates", [], "tilings m.n.k.stages.grid_block_n (one-warpgroup kernels) or "
+                                "ws.m.n.k.stages.grid_tile_width (warp-specialized) to time (default: CANDIDATES)")
 _ALIGNED = flags.DEFINE_boolean("aligned", False, "round every group's rows to a multiple of 128 (same total): "
                                 "measures what tiles straddling two groups cost")
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for bench_gmm_blocks.json")
 
 # (m, n, k, stages, grid_block_n); invalid or SMEM-overflowing tilings are reported and skipped.
-CANDIDATES = ((128, 128, 64, 4, 4), (128, 128, 64, 6, 4), (128, 128, 128, 3, 4), (128, 128, 64, 4, 8),
-              (64, 128, 64, 6, 4), (128, 64, 128, 4, 4))
+CANDIDATES = ("128.128.64.6.4", "ws.128.128.64.3.8", "ws.128.128.64.3.4", "ws.128.64.64.4.8", "ws.64.128.64.4.8")
 
 
 def main(argv):
@@ -43,6 +45,7 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
     from dsjax.model import grouped_gemm as gg
+    from dsjax.model import grouped_gemm_kernel as gk
     from dsjax.timing import seconds_per_call
 
     rows, e = _TOKENS.value * _TOPK.value, _EXPERTS.value
@@ -53,7 +56,7 @@ def main(argv):
     if _ALIGNED.value:  # each group a whole number of 128-row tiles; the rounding goes to the last
         sizes = sizes // 128 * 128
         sizes[-1] += rows - sizes.sum()
-    candidates = [tuple(int(v) for v in c.split(".")) for c in _CANDIDATES.value] or CANDIDATES
+    candidates = _CANDIDATES.value or CANDIDATES
     sizes_G = jnp.asarray(sizes)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows, "experts": e,
               "aligned": _ALIGNED.value, "shapes": {}}
@@ -67,19 +70,30 @@ def main(argv):
         dense_tflops = flops / seconds_per_call(dense, x_MK, w_GKN[0], repeat=_REPEAT.value) / 1e12
         rows_out = {"dense_tflops": dense_tflops, "kernels": {}}
         print(f"{name}: [{rows}, {k}] x [{e}, {k}, {n}]  dense bf16 {dense_tflops:.0f} TFLOP/s", flush=True)
+        warp_specialized = {
+            "forward": lambda x, w, gs, tiles: gk.m_grouped(x, w, gs, False, tiles),
+            "input_grad": lambda dy, w, gs, tiles: gk.m_grouped(dy, w, gs, True, tiles),
+            "weight_grad": lambda x, dy, gs, tiles: gk.k_grouped(x, dy, gs, tiles)}
         for kernel, fn, args in (
                 ("forward", gg._mgpu_forward, (x_MK, w_GKN, sizes_G)),
                 ("input_grad", gg._mgpu_input_grad, (dy_MN, w_GKN, sizes_G)),
                 ("weight_grad", gg._mgpu_weight_grad, (x_MK, dy_MN, sizes_G))):
-            cells = {}
+            cells, reference = {}, jax.jit(lambda *a, fn=fn: fn(*a, blocks=gg.Blocks()))(*args)
             for cand in candidates:
-                blocks = gg.Blocks(*cand)
+                family, *dims = cand.split(".") if cand.startswith("ws.") else ("one_wg", *cand.split("."))
+                dims = tuple(int(v) for v in dims)
                 try:
-                    f = jax.jit(lambda *a, fn=fn, blocks=blocks: fn(*a, blocks=blocks))
+                    if family == "ws":
+                        f = jax.jit(lambda *a, ws=warp_specialized[kernel], tiles=gk.Tiles(*dims): ws(*a, tiles))
+                    else:
+                        f = jax.jit(lambda *a, fn=fn, blocks=gg.Blocks(*dims): fn(*a, blocks=blocks))
                     tflops = flops / seconds_per_call(f, *args, repeat=_REPEAT.value) / 1e12
-                    cells[str(cand)] = round(tflops, 1)
+                    err = float(jnp.abs(f(*args).astype(jnp.float32) - reference).max() / jnp.abs(reference).max())
+                    if err > 1e-2:  # both round to bf16 from f32 sums: ~4e-3 of the largest entry at most
+                        raise ValueError(f"differs from the default one-warpgroup kernel by {err:.2e} (max-relative)")
+                    cells[cand] = round(tflops, 1)
                 except Exception as exc:  # an invalid tiling is a row of the table, not a crash
-                    cells[str(cand)] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+                    cells[cand] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
             best = max((v, c) for c, v in cells.items() if isinstance(v, float)) if any(
                 isinstance(v, float) for v in cells.values()) else (0.0, "-")
             rows_out["kernels"][kernel] = {"tilings": cells, "best": best[1], "best_tflops": best[0]}

@@ -68,6 +68,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="small.py's shapes only, no fwd+bwd timing")
+    parser.add_argument("--only", default="", help="time only the shapes whose names start with this (e.g. V3)")
     parser.add_argument("--cpu-interpret", action="store_true",
                         help="dry run on CPU (jax >= 0.11): tiny shapes, the FP8 kernels in Pallas's Mosaic GPU "
                              "interpreter, xla_cpu references, no bf16 Pallas kernels; timings meaningless")
@@ -96,6 +97,9 @@ def main():
     if args.quick:
         shapes = {k: v for k, v in shapes.items() if k.startswith("small")}
         layer_shapes = ()
+    if args.only:
+        shapes = {k: v for k, v in shapes.items() if k.startswith(args.only)}
+        layer_shapes = tuple(k for k in layer_shapes if k.startswith(args.only))
 
     dev = jax.devices()[0]
     res = {"device": dev.device_kind, "jax": jax.__version__, "dirichlet_alpha": DIRICHLET_ALPHA,

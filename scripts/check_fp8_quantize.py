@@ -12,11 +12,14 @@ x * fl(1/scale), the kernel too, but XLA:GPU may fuse differently), and prints m
 (bytes read + written by the kernel: 2 per input element, 2 per output element, plus scales).
 Then the same for the weights' kernel (128x128 blocks, w and w^T from one read) on small.py's
 stacked expert weights (gate+up also as two inputs, as the experts pass them) and a dense kernel,
-against quantize_blocks of w (concatenated) and of w^T. Writes check_fp8_quantize.json under $OUT (or --out).
+against quantize_blocks of w (concatenated) and of w^T. `--num_warps=4,16` also times (and checks)
+each kernel with those warps per 128x128 tile (default 8). Writes check_fp8_quantize.json under
+$OUT (or --out).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -27,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from check_common import report, short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
 
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for check_fp8_quantize.json")
+_NUM_WARPS = flags.DEFINE_list("num_warps", [], "other warps per tile to time the kernels with")
 
 WEIGHTS = (("experts gate+up [64, 2048, 2816]", (64, 2048, 2816), 1),
            ("experts gate | up, two inputs", (64, 2048, 2816), 2),  # as dispatch.ffn_grouped passes them
@@ -80,7 +84,7 @@ def main(argv):
     from dsjax.fp8 import grouped, quantize_blocks, quantize_kernel
 
     res, failed = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": [], "errors": {}}, []
-    activations = (jax.jit(quantize_kernel.quantize_rows_and_tiles),
+    activations = (quantize_kernel.quantize_rows_and_tiles,
                    jax.jit(lambda a, gs: (*quantize_blocks(a, (1, 128)), *grouped.quantize_wgrad(a, gs))))
 
     def weights_xla(*ws):  # q, q^T and the scales of [w_0 | w_1 ...]'s blocks, as the kernel returns them
@@ -88,16 +92,22 @@ def main(argv):
         q, s = quantize_blocks(w, (128, 128))
         return q, quantize_blocks(w.transpose(0, 2, 1), (128, 128))[0], s
 
-    weights = (jax.jit(quantize_kernel.quantize_weight_blocks), jax.jit(weights_xla))
+    weights = (quantize_kernel.quantize_weight_blocks, jax.jit(weights_xla))
     cases = [(name, activations, _activation_case(m, d, g)) for name, m, d, g in SHAPES] + \
             [(name, weights, _weight_case(shape, parts)) for name, shape, parts in WEIGHTS]
-    for name, (kernel, xla), (args, moved, compare) in cases:
+    for name, (kernel_fn, xla), (args, moved, compare) in cases:
         row = {"shape": name}
+        kernel = jax.jit(kernel_fn)
         try:
             row.update(compare(kernel(*args), xla(*args)))
             for label, fn in (("kernel", kernel), ("xla", xla)):
                 t = timed(fn, *args)
                 row[f"{label}_ms"], row[f"{label}_gbs"] = t * 1e3, moved / t / 1e9
+            for warps in _NUM_WARPS.value:
+                other = jax.jit(functools.partial(kernel_fn, num_warps=int(warps)))
+                if not compare(other(*args), xla(*args))["ok"]:
+                    raise ValueError(f"num_warps={warps} differs from XLA")
+                row[f"kernel_ms_w{warps}"] = timed(other, *args) * 1e3
         except Exception as e:  # noqa: BLE001 — one failing case does not stop the run
             res["errors"][name] = short_error(e)
         if not row.get("ok"):
@@ -106,8 +116,9 @@ def main(argv):
         nan = float("nan")
         print(f"{name:34s} ok={row.get('ok')}  kernel {row.get('kernel_ms', nan):.3f} ms "
               f"({row.get('kernel_gbs', nan):.0f} GB/s)  xla {row.get('xla_ms', nan):.3f} ms "
-              f"({row.get('xla_gbs', nan):.0f} GB/s)", flush=True)
-    _save(res)
+              f"({row.get('xla_gbs', nan):.0f} GB/s)" + "".join(
+                  f"  w{w}: {row.get(f'kernel_ms_w{w}', nan):.3f} ms" for w in _NUM_WARPS.value), flush=True)
+        _save(res)  # after every row: a run stopped by its time limit keeps what it measured
     report(res, failed)
 
 

@@ -126,6 +126,45 @@ def test_expert_parallel_capacity_drops_what_the_reference_drops():
     assert_agree(want, got)
 
 
+def _pairs_per_shard(replay, shards):
+    """Real (token, expert) pairs each expert shard receives, and whether each pair arrives past
+    the first `max_pairs` on its shard (arrival order: source device, then token, then slot = the
+    global (token, slot) order when the batch is split over the expert axis only)."""
+    shard_F = np.asarray(replay).reshape(-1) // (E // shards)
+    rank_F = np.zeros_like(shard_F)
+    for sh in range(shards):
+        rank_F[shard_F == sh] = np.arange((shard_F == sh).sum())
+    return np.bincount(shard_F, minlength=shards), rank_F
+
+
+def test_expert_parallel_pair_capacity_bounds_the_buffer_and_counts_drops():
+    """moe.ep_pair_capacity: a bound every shard stays under changes nothing; a tighter one drops
+    exactly the pairs past it on each shard (counted), and only their tokens' outputs change."""
+    variables, x = init(CONFIG)
+    replay = skewed_ids()
+    mesh, shards = make_mesh((1, 4, 1)), 4
+    per_shard, rank_F = _pairs_per_shard(replay, shards)
+    n_local = B * T // shards
+    worst = shards * n_local * min(K, E // shards)
+    want = layer_outputs(CONFIG, variables, x, replay)
+    loose = (per_shard.max() + 1) / (n_local * K)  # bounds the buffer below the worst case, drops none
+    assert per_shard.max() < np.ceil(loose * n_local * K) < worst
+    got, _ = layer_outputs(replace(CONFIG, **{"moe.ep_pair_capacity": loose}), variables, x, replay, mesh)
+    assert_agree(want, got)
+
+    tight = 0.5  # 24 pairs per shard: the shard of expert 5 receives every token's slot 0
+    max_pairs = int(np.ceil(tight * n_local * K))
+    (y, load, dropped), _ = layer_outputs(replace(CONFIG, **{"moe.ep_pair_capacity": tight}), variables, x, replay,
+                                          mesh)[0]
+    assert int(dropped) == np.maximum(per_shard - max_pairs, 0).sum() > 0
+    np.testing.assert_array_equal(load, want[0][1])  # routing (and the bias update's loads) unchanged
+    lost_N = (rank_F >= max_pairs).reshape(B * T, K).any(-1)
+    y_N, want_N = np.asarray(y).reshape(B * T, D), np.asarray(want[0][0]).reshape(B * T, D)
+    assert rel(y_N[~lost_N], want_N[~lost_N]) <= OUT_RTOL
+    changed_N = np.linalg.norm(y_N - want_N, axis=-1) / np.linalg.norm(want_N, axis=-1)
+    assert (changed_N[lost_N] > 1e-2).all(), changed_N[lost_N].min()  # each lost a routed expert's share
+
+
 def test_expert_parallel_pads_indivisible_token_counts():
     b, t = 1, 3  # decoding-like: 3 tokens over 4 batch shards
     variables, _ = init(CONFIG)

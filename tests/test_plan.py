@@ -113,6 +113,17 @@ def test_all_to_all_bytes_order_and_vanish_without_expert_parallelism():
     assert plan.all_to_all_bytes(replace(_v3(1), **{"train.batch_size": 16})).fixed == 0
 
 
+def test_pair_capacity_bounds_only_the_expert_parallel_pair_buffer():
+    def total(expert, capacity):
+        config = replace(_v3(expert), **{"train.batch_size": 16, "model.moe.ep_pair_capacity": capacity})
+        return sum(plan.activation_bytes(config).values())
+
+    worst = total(16, 0.0)
+    assert total(16, 1.25) < worst
+    assert total(16, 16.0) == worst  # 16 x the balanced pairs exceeds the worst case: no bound
+    assert total(1, 1.25) == total(1, 0.0)  # no expert parallelism: nothing to bound
+
+
 def test_remat_policies_save_in_order():
     saved = {}
     for remat in ("full", "minimal", "dots", "none"):

@@ -18,11 +18,12 @@ M-grouped (jax's ragged_dot_mgpu.py is the template for the grouping): output ti
 are enumerated per group, so a tile that straddles a group boundary is computed once for each
 group it holds (with that group's weights) and each pass stores only its group's rows, with a
 ladder of 2^i-row TMA stores (static shapes, dynamic offsets). The schedule (group, row block,
-first row in the block, rows) per tile is computed by XLA before the call (`_schedule`), so a
-tile reads four scalars instead of scanning all G group sizes as GroupInfo does; tiles with no
-rows (empty groups, the tail past sum(group_sizes)) skip their K loop. Rows past the groups are
-never written and are zeroed by the wrapper (a select, NaN-safe). sb is per column [G, J, N] and
-constant over 128-column blocks (sb_blocked: one scalar per warpgroup and step).
+first row in the block, rows) per tile is computed by XLA before the call
+(`group_tiles.m_tile_schedule`), so a tile reads four scalars instead of scanning all G group
+sizes as GroupInfo does; tiles with no rows (empty groups, the tail past sum(group_sizes)) skip
+their K loop. Rows past the groups are never written and are zeroed by the wrapper (a select,
+NaN-safe). sb is per column [G, J, N] and constant over 128-column blocks (sb_blocked: one scalar
+per warpgroup and step).
 
 K-grouped: one output tile [cta_m of K, cta_n of N] per group and tile position; its pipeline runs
 over the group's tiles only (a dynamic grid starting at tile_start[g]; an empty group runs no step
@@ -54,6 +55,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsjax.fp8.kernel import (BLOCK_K, FP8, SMEM_LIMIT, Config, _fp8_transforms, _num_sms,
                               _out_transforms, _pad_to)
+from dsjax.group_tiles import m_tile_schedule
 
 # kernel.py's default: 128 x 128 CTA tile, two 64 x 128 math warpgroups along M, 4 stages.
 M_GROUPED = K_GROUPED = Config()
@@ -140,30 +142,6 @@ def _launch(body, out_shape, out_dtype, cfg: Config, interpret, num_ctas):
 
 
 # ---- M-grouped: forward and dgrad ---------------------------------------------------------------
-
-def _schedule(group_sizes_G: jax.Array, m: int, tile_m: int) -> jax.Array:
-    """int32 [4, m/tile_m + G - 1]: per output tile (group, row block, first row in the block, rows).
-
-    Each nonempty group owns the row blocks it touches, in order; a block shared by k groups is
-    listed k times. Unused trailing entries have 0 rows.
-    """
-    num_groups = group_sizes_G.shape[0]
-    num_sched = m // tile_m + num_groups - 1
-    end_G = jnp.cumsum(group_sizes_G)
-    start_G = end_G - group_sizes_G
-    first_block_G = start_G // tile_m
-    blocks_G = jnp.where(group_sizes_G > 0, (end_G + tile_m - 1) // tile_m - first_block_G, 0)
-    sched_end_G = jnp.cumsum(blocks_G)
-    t_S = jnp.arange(num_sched, dtype=jnp.int32)
-    g_S = jnp.minimum(jnp.searchsorted(sched_end_G, t_S, side="right"), num_groups - 1).astype(jnp.int32)
-    block_S = first_block_G[g_S] + t_S - (sched_end_G - blocks_G)[g_S]
-    lo_S = jnp.maximum(start_G[g_S], block_S * tile_m)
-    hi_S = jnp.minimum(end_G[g_S], (block_S + 1) * tile_m)
-    rows_S = jnp.where(t_S < sched_end_G[-1], jnp.maximum(hi_S - lo_S, 0), 0)
-    live_S = rows_S > 0
-    return jnp.stack([g_S, jnp.where(live_S, block_S, 0), jnp.where(live_S, lo_S - block_S * tile_m, 0),
-                      rows_S]).astype(jnp.int32)
-
 
 def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Config, sb_blocked: bool,
                     interpret, num_ctas):
@@ -269,7 +247,7 @@ def m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype=jnp.
     sa_JM = _pad_to(sa_MJ.astype(jnp.float32).T, 1, cfg.cta_m)
     sb = _pad_to(sb_GJN.astype(jnp.float32), 2, cfg.cta_n)
     sb_blocked = sb_blocked and BLOCK_K % cfg.wg_n == 0
-    sched = _schedule(group_sizes_G, a.shape[0], cfg.cta_m)
+    sched = m_tile_schedule(group_sizes_G, a.shape[0], cfg.cta_m)
     y = _m_grouped_call(sched, a, b, sa_JM, sb, jnp.dtype(out_dtype), cfg, sb_blocked, interpret, num_ctas)
     y = y[:m, :n]
     if covered:

@@ -87,8 +87,8 @@ def _kernel(start_ref, rows_ref, a_ref, q_ref, s_ref, qt_ref, st_ref):
     st_ref[...] = scale_C
 
 
-@functools.partial(jax.jit, static_argnames=("num_tiles", "interpret"))
-def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("num_tiles", "interpret", "num_warps"))
+def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool, num_warps: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -106,7 +106,7 @@ def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool):
                    jax.ShapeDtypeStruct((j, m), jnp.float32),
                    jax.ShapeDtypeStruct((d, num_tiles * BLOCK), jnp.float8_e4m3fn),
                    jax.ShapeDtypeStruct((num_tiles, d), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
     )(start_T, rows_T, a_MD)
     return q_MD, s_JM.T, qt_DP, st_TD.T
@@ -134,8 +134,8 @@ def _weight_kernel(*refs, starts):
         pl.when((ll >= lo) & (ll < hi))(functools.partial(quantize, w_ref))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def quantize_weight_blocks(*ws_GKN: jax.Array, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
+def quantize_weight_blocks(*ws_GKN: jax.Array, interpret: bool = False, num_warps: int = NUM_WARPS):
     """(q_GKN, qt_GNK, s_GJL): stacked weights [G, K, N] in 128x128 blocks, in both K-major
     orientations (the forward GEMM reads w^T, dgrad w), from one read of each block; equal to
     quantize_blocks(w, (128, 128)) and to quantize_blocks of w transposed. Several weights [G, K, N_i]
@@ -170,7 +170,7 @@ def quantize_weight_blocks(*ws_GKN: jax.Array, interpret: bool = False):
         out_shape=[jax.ShapeDtypeStruct((g, k, n), jnp.float8_e4m3fn),
                    jax.ShapeDtypeStruct((g, n, k), jnp.float8_e4m3fn),
                    jax.ShapeDtypeStruct((g, j, l), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
     )(*ws_GKN)
 
@@ -202,13 +202,15 @@ def unfit_reason(a_MD) -> str | None:
     return None
 
 
-def quantize_rows_and_tiles(a_MD: jax.Array, group_sizes_G: jax.Array, *, interpret: bool = False):
+def quantize_rows_and_tiles(a_MD: jax.Array, group_sizes_G: jax.Array, *, interpret: bool = False,
+                            num_warps: int = NUM_WARPS):
     """(q_MD, s_MJ, qt_DP, st_DT) of a [M, D] (rows sorted into contiguous groups); see the module
-    docstring. `interpret` runs Pallas's interpreter (CPU tests)."""
+    docstring. `interpret` runs Pallas's interpreter (CPU tests); `num_warps` per 128x128 tile
+    (scripts/check_fp8_quantize.py --num_warps times others)."""
     from dsjax.fp8.grouped import tile_rows
 
     reason = unfit_reason(a_MD)
     if reason is not None:
         raise ValueError(f"quantize_rows_and_tiles: {reason}")
     start_T, rows_T = tile_rows(group_sizes_G.astype(jnp.int32), a_MD.shape[0])
-    return _call(a_MD, start_T, rows_T, num_tiles=start_T.shape[0], interpret=interpret)
+    return _call(a_MD, start_T, rows_T, num_tiles=start_T.shape[0], interpret=interpret, num_warps=num_warps)

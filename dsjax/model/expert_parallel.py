@@ -25,7 +25,9 @@ shards, E_l = E / S local experts, top-k:
    gather's gradient select the real pairs instead, so no extra pass runs over the worst-case
    buffer. Every other pass over it (the gather, the SwiGLU, the combine) still costs
    S·N·min(k, E_l) rows, S times a balanced device's N·k: the likely reason expert = 4 scales
-   worse than expert = 2 (BENCHMARKS.md).
+   worse than expert = 2 (BENCHMARKS.md). config.moe.ep_pair_capacity = c > 0 bounds the buffer
+   at ceil(c·N·k) pairs instead: the first pairs in arrival order (source shard, then token) are
+   kept, the rest dropped and counted, as capacity dispatch counts its drops.
 4. Combine. The reverse exchange, a sum over shards, and a psum over 'tensor': each tensor shard
    holds a slice of F, so its down projection is a partial sum (SwiGLU is elementwise in F).
 
@@ -93,7 +95,10 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
     if moe.dispatch == "capacity":
         n_slice = n / mesh.shape.get("data", 1)
         cap = max(1, math.ceil(moe.capacity_factor * n_slice * k / e))
-    local = functools.partial(_local, config=config, num_shards=s, cap=cap,
+    max_pairs = None
+    if moe.dispatch == "dropless" and moe.ep_pair_capacity > 0:
+        max_pairs = math.ceil(moe.ep_pair_capacity * ((n + pad) // shards) * k)
+    local = functools.partial(_local, config=config, num_shards=s, cap=cap, max_pairs=max_pairs,
                               tensor=tensor if tensor and mesh.shape[tensor] > 1 else None, batch_axes=batch_axes)
     tokens = P(batch_axes, None)
     y_ND, dropped = jax.shard_map(
@@ -104,13 +109,13 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
     return y_ND[:n], dropped
 
 
-def _local(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, config, num_shards, cap, tensor,
-           batch_axes):
+def _local(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, config, num_shards, cap, max_pairs,
+           tensor, batch_axes):
     """One device: dispatch, exchange, compute, exchange back, combine."""
     n, k = ids_NK.shape
     s, e_l = num_shards, w_gate_EDF.shape[0]
     experts = functools.partial(_compute, w_gate_EDF=w_gate_EDF, w_up_EDF=w_up_EDF, w_down_EFD=w_down_EFD,
-                                cap=cap, grouped_gemm=config.moe.grouped_gemm,
+                                cap=cap, max_pairs=max_pairs, grouped_gemm=config.moe.grouped_gemm,
                                 fp8=dispatch.fp8_backend(config))
     shard_NK = jnp.where(ids_NK >= 0, ids_NK // e_l, -1)
     on_NSK = shard_NK[:, None, :] == jnp.arange(s)[None, :, None]
@@ -175,12 +180,19 @@ def _exchange_ragged(x_ND1, meta_NSX, to_NS, experts, empty_X, max_shards_per_to
     return jax.ops.segment_sum(back_PD.astype(jnp.float32), src_P, num_segments=n + 1)[:n], dropped
 
 
-def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, cap, grouped_gemm, fp8):
+def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, cap, max_pairs, grouped_gemm, fp8):
     """Local experts on received rows: per row, sum over its local slots of gate · FFN_e(x_row)."""
     r, k = x_RD.shape[0], meta_RX.shape[1] // 2
     e_l = w_gate_EDF.shape[0]
     ids_F = jnp.round(meta_RX[:, :k]).astype(jnp.int32).reshape(-1)  # e_l: not for this shard
     m = r * min(k, e_l)  # a row holds at most min(k, E_l) distinct local experts
+    overflow = jnp.zeros((), jnp.int32)
+    if max_pairs is not None and max_pairs < m:  # keep the first max_pairs real pairs to arrive
+        m = max_pairs
+        real_F = ids_F < e_l
+        keep_F = real_F & (jnp.cumsum(real_F) <= m)
+        overflow = (real_F & ~keep_F).sum().astype(jnp.int32)
+        ids_F = jnp.where(keep_F, ids_F, e_l)
     order_M = jnp.argsort(ids_F, stable=True)[:m]
     ids_M, row_M = ids_F[order_M], order_M // k
     real_M = ids_M < e_l  # the real pairs come first; the rest pads the static worst case
@@ -193,7 +205,7 @@ def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, cap, grouped_ge
         y_MD = dispatch.ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm,
                                     past_groups="unread", fp8=fp8)
         y_MD = jnp.where(real_M[:, None], y_MD, jnp.zeros((), y_MD.dtype))
-        dropped = jnp.zeros((), jnp.int32)
+        dropped = overflow
     else:  # first `cap` pairs of each expert in arrival order = token order within the data slice
         x_MD = jnp.take(x_RD, row_M, axis=0)
         starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E

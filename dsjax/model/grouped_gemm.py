@@ -9,22 +9,29 @@ worst-case buffers whose tail is empty).
 Backends (config.moe.grouped_gemm, never chosen by probing the platform):
 - "xla": jax.lax.ragged_dot — the reference and the CPU/TPU path. On H200 XLA densifies it
   (~24 TFLOP/s, research/performance-anchors.md J1).
-- "pallas_mgpu": JAX's Pallas Mosaic GPU Hopper kernels (jax.experimental.pallas.ops.gpu; ~608
-  TFLOP/s bf16 forward, anchor J3) under one jax.custom_vjp, since they have no VJP of their own:
-      forward       y  = ragged_dot(x, w)                       (M-grouped)
-      input grad    dx = ragged_dot(dy, w, transpose_rhs=True)  (M-grouped, w read K-major, no copy)
-      weight grad   dw = transposed_ragged_dot(x, dy)           (K-grouped: contraction over rows)
-  The forward/input-grad kernel is ragged_dot_mgpu's, with one change: a tile that holds no row of
-  any group skips its K loop (the stock kernel still runs it), so an expert-parallel buffer sized
-  for the worst case costs only the rows it actually holds. The kernels write no row outside the
-  groups: with `covered=False` the forward output and dx are masked there with a select
-  (NaN-safe); `covered=True` skips both passes, for callers whose groups hold every row (dropless
-  single-device dispatch) or that never read the rows past them (dispatch.ffn_grouped's
-  past_groups="unread", for expert_parallel's padding pairs). dy needs no mask: both backward
-  kernels read only the groups' rows. Operands must be bf16/f16
-  with K and N multiples of 128; M is padded to the row block. Anything else falls back to "xla"
-  with one warning per shape. Kernel outputs are in the operand dtype (f32 accumulation inside),
-  so with this backend the weight gradient is rounded to bf16 before the optimizer sees it.
+- "pallas_mgpu": Pallas Mosaic GPU Hopper kernels under one jax.custom_vjp (such kernels have no
+  VJP of their own):
+      forward       y  = x @ w[g]        per group       (M-grouped)
+      input grad    dx = dy @ w[g]^T     w read K-major, no copy (M-grouped)
+      weight grad   dw = x[g]^T @ dy[g]  contraction over each group's rows (K-grouped)
+  Each product runs grouped_gemm_kernel.py's warp-specialized kernel (a memory warpgroup and two
+  compute warpgroups per CTA, 128x256 or 256x128 tiles) when the dimension its warpgroups split is
+  a multiple of 256 (the output width N for the M-grouped kernels, dw's K for the K-grouped one):
+  at V3's expert shapes they run 1.5-1.9x the one-warpgroup kernels' forward and input grad and
+  1.2x their weight grad (BENCHMARKS.md, issue 7).
+  Otherwise it runs the one-warpgroup kernels: ragged_dot_mgpu's M-grouped kernel, forked here
+  with one change (a tile that holds no row of any group skips its K loop, so an expert-parallel
+  buffer sized for the worst case costs only the rows it holds), and jax's
+  transposed_ragged_dot_mgpu. No kernel writes a row outside the groups: with `covered=False` the
+  forward output and dx are masked there with a select (NaN-safe); `covered=True` skips both
+  passes, for callers whose groups hold every row (dropless single-device dispatch) or that never
+  read the rows past them (dispatch.ffn_grouped's past_groups="unread", for expert_parallel's
+  padding pairs). dy needs no mask: both backward kernels read only the groups' rows, and the
+  weight-gradient kernels zero a neighbouring group's rows by multiplying (x must be finite there).
+  Operands must be bf16/f16 with K and N multiples of 128; M is padded to the row block. Anything
+  else falls back to "xla" with one warning per shape. Kernel outputs are in the operand dtype
+  (f32 accumulation inside), so with this backend the weight gradient is rounded to bf16 before
+  the optimizer sees it.
 
 GPU-only modules are imported inside the kernel functions, so importing dsjax works everywhere.
 """
@@ -176,15 +183,35 @@ def _ragged_dot_mgpu(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False, bl
     return kernel(group_sizes_G, lhs_MK, rhs)
 
 
+def _warp_specialized_fits(width: int) -> bool:
+    """Whether grouped_gemm_kernel's two warpgroups can split `width` (the output's N for the
+    M-grouped kernels, dw's K for the K-grouped one) into their 128-wide slices (M_GROUPED's
+    tile_n, K_GROUPED's tile_m). small.py's expert width 1408 cannot: there the one-warpgroup
+    kernels run, which measured as fast as 64-wide warp-specialized slices or faster."""
+    return width % 256 == 0
+
+
 def _mgpu_forward(x_MK, w_GKN, group_sizes_G, blocks: Blocks = None):
+    if blocks is None and _warp_specialized_fits(w_GKN.shape[2]):
+        from dsjax.model import grouped_gemm_kernel as gk
+
+        return gk.m_grouped(x_MK, w_GKN, group_sizes_G, transpose_rhs=False)
     return _ragged_dot_mgpu(x_MK, w_GKN, group_sizes_G, blocks=blocks or FORWARD_BLOCKS)
 
 
 def _mgpu_input_grad(dy_MN, w_GKN, group_sizes_G, blocks: Blocks = None):
+    if blocks is None and _warp_specialized_fits(w_GKN.shape[1]):
+        from dsjax.model import grouped_gemm_kernel as gk
+
+        return gk.m_grouped(dy_MN, w_GKN, group_sizes_G, transpose_rhs=True)
     return _ragged_dot_mgpu(dy_MN, w_GKN, group_sizes_G, transpose_rhs=True, blocks=blocks or INPUT_GRAD_BLOCKS)
 
 
 def _mgpu_weight_grad(x_MK, dy_MN, group_sizes_G, blocks: Blocks = None):
+    if blocks is None and _warp_specialized_fits(x_MK.shape[1]):
+        from dsjax.model import grouped_gemm_kernel as gk
+
+        return gk.k_grouped(x_MK, dy_MN, group_sizes_G)
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
     b = blocks or WEIGHT_GRAD_BLOCKS
