@@ -65,7 +65,9 @@ def main(argv):
     config = from_config_dict(_CONFIG.value)
     gen = (_GEN_BATCH.value, _PROMPT.value, _NEW.value)
     if _QUICK.value:
-        config = replace(config, **{"train.batch_size": 2, "data.seq_len": 64})
+        from dsjax import sharding as shd
+        batch_shards = shd.num_batch_shards(shd.make_mesh(config.mesh))  # two sequences per batch shard
+        config = replace(config, **{"train.batch_size": 2 * batch_shards, "data.seq_len": 64})
         gen = (2, 16, 8)
     result = {"command": " ".join(sys.argv)}
     for part in _WHAT.value:

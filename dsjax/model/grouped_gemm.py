@@ -187,7 +187,8 @@ def _warp_specialized_fits(width: int) -> bool:
     """Whether grouped_gemm_kernel's two warpgroups can split `width` (the output's N for the
     M-grouped kernels, dw's K for the K-grouped one) into their 128-wide slices (M_GROUPED's
     tile_n, K_GROUPED's tile_m). small.py's expert width 1408 cannot: there the one-warpgroup
-    kernels run, which measured as fast as 64-wide warp-specialized slices or faster."""
+    kernels run, which measured as fast as 64-wide warp-specialized slices or faster. An explicit
+    `blocks` (scripts/bench_gmm_blocks.py) pins the one-warpgroup kernels."""
     return width % 256 == 0
 
 
