@@ -32,6 +32,20 @@ def timed(fn, *args, inner=10, outer=5):
     return statistics.median(times)
 
 
+def fwd_bwd_ms(gemm, x, w, repeat: int = 3) -> float:
+    """Milliseconds of one forward + both gradients of `gemm(x, w)` (`timed`, repeat x repeat),
+    through a loss that needs y, so that the forward GEMM is not dead code (as it is for sum(y))."""
+    import jax
+    import jax.numpy as jnp
+    f = jax.jit(jax.value_and_grad(lambda x, w: jnp.square(gemm(x, w).astype(jnp.float32)).sum(), argnums=(0, 1)))
+    return timed(f, x, w, inner=repeat, outer=repeat) * 1e3
+
+
+def ms_line(times: dict) -> str:
+    """'label 1.23, other -' for {label: milliseconds or None (failed)}."""
+    return ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in times.items())
+
+
 def report(res: dict, failed: list) -> None:
     """The compact error list (res["errors"]) and the one RESULT line a run ends with."""
     if res["errors"]:

@@ -35,7 +35,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_common import report, short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import fwd_bwd_ms, ms_line, report, short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
 
 # name -> (M rows, K, N, G experts): each expert GEMM as [M, K] x [G, K, N].
 SHAPES = {
@@ -253,16 +253,11 @@ def main():
         if bf16_kernels:
             gemms["bf16 gmm pallas_mgpu"] = lambda x, w: grouped_gemm.gmm(x, w, gs, "pallas_mgpu", jnp.bfloat16)
         for label, gemm in gemms.items():
-            # A loss that needs y, so that the forward GEMM is not dead code.
-            f = jax.jit(jax.value_and_grad(lambda x, w, gemm=gemm: jnp.square(gemm(x, w).astype(jnp.float32)).sum(),
-                                           argnums=(0, 1)))
             n = 1 if args.cpu_interpret else 3
-            v = guarded(f"layer {label} {sname}", lambda: timed(f, x, w, inner=n, outer=n) * 1e3)
-            layer[label] = v
+            layer[label] = guarded(f"layer {label} {sname}", lambda gemm=gemm: fwd_bwd_ms(gemm, x, w, n))
         res["layer_fwd_bwd_ms"][sname] = {"shape": [M, K, N, G], **layer}
         save()
-        print(f"  fwd+bwd {sname} {M}x{K}x{N} / {G} (ms): " + ", ".join(
-            f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in layer.items()))
+        print(f"  fwd+bwd {sname} {M}x{K}x{N} / {G} (ms): " + ms_line(layer))
 
     save()
     report(res, failed)

@@ -32,7 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_common import report, short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import fwd_bwd_ms, ms_line, report, short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
 
 SHAPES = ((4096, 7168, 2048), (4096, 2048, 7168), (16384, 7168, 7168))  # M, K, N
 CHECK_SHAPE = (1024, 1536, 768)
@@ -220,18 +220,13 @@ def main():
     for label, mode, backend in (("none", "none", ref_backend), ("tensor", "tensor", ref_backend),
                                  (f"block {ref_backend}", "block", ref_backend),
                                  ("block pallas_gpu", "block", "pallas_gpu")):
-        dot = make_dot(mode, backend)
-        # A loss that needs y, so that the forward GEMM is not dead code (as it is for sum(y)).
-        f = jax.jit(jax.value_and_grad(lambda x, w, dot=dot: jnp.square(dot(x, w).astype(jnp.float32)).sum(),
-                                       argnums=(0, 1)))
         try:
-            layer[label] = timed(f, x, w, inner=3, outer=3) * 1e3
+            layer[label] = fwd_bwd_ms(make_dot(mode, backend), x, w)
         except Exception as e:  # noqa: BLE001
             layer[label] = None
             res["errors"][f"layer {label}"] = short_error(e)
     res["layer_fwd_bwd_ms"] = {"shape": [M, Kd, N], **layer}
-    print(f"  fwd+bwd {M}x{Kd}x{N} (ms): " + ", ".join(
-        f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in layer.items()))
+    print(f"  fwd+bwd {M}x{Kd}x{N} (ms): " + ms_line(layer))
 
     save()
     report(res, failed)
