@@ -53,8 +53,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsjax.fp8.kernel import (BLOCK_K, FP8, SMEM_LIMIT, Config, _fp8_transforms, _num_sms,
-                              _out_transforms, _pad_to)
+from dsjax.fp8.kernel import (BLOCK_K, FP8, SMEM_LIMIT, Config, _fp8_transforms, _pad_to, num_sms,
+                              swizzle_transforms)
 from dsjax.group_tiles import m_tile_schedule
 
 # kernel.py's default: 128 x 128 CTA tile, two 64 x 128 math warpgroups along M, 4 stages.
@@ -132,7 +132,7 @@ def _launch(body, out_shape, out_dtype, cfg: Config, interpret, num_ctas):
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
-        grid=(num_ctas or _num_sms(),),
+        grid=(num_ctas or num_sms(),),
         grid_names=("sm",),
         num_threads=cfg.num_compute_wgs + 1,
         thread_name="wg",
@@ -272,7 +272,7 @@ def _k_grouped_call(tiles_2G, a_KP, b_NP, sa_TK, sb_TN, out_dtype, cfg: Config, 
 
         @functools.partial(pl.run_scoped, pipeline_allocs=allocs,
                            out_smem=plgpu.SMEM((cfg.num_compute_wgs, wg_m, wg_n), out_dtype,
-                                               transforms=_out_transforms(wg_n, out_dtype)),
+                                               transforms=swizzle_transforms(wg_n, out_dtype)),
                            collective_axes="wg")
         def _scope(pipeline_allocs, out_smem):
             wg_idx = lax.axis_index("wg")

@@ -58,7 +58,7 @@ BLOCK_K = 128  # DeepSeek's promotion interval and scale-block edge; one pipelin
 FP8 = jnp.float8_e4m3fn
 _MAX_WG_ELEMS = 64 * 128  # per-warpgroup tile cap: accumulator + partial fit the register file
 SMEM_LIMIT = 232_448  # bytes of shared memory one CTA may use on H100/H200 (Mosaic GPU checks it too)
-_SMEM_SLACK = 1024  # barriers
+SMEM_SLACK = 1024  # barriers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Config:
     def smem_bytes(self, out_dtype) -> int:
         """Shared memory: the pipeline stages (fp8 tiles and f32 scale vectors) + the output tile."""
         stage = (self.cta_m + self.cta_n) * BLOCK_K + 4 * (self.cta_m + self.cta_n)
-        return self.stages * stage + self.cta_m * self.cta_n * jnp.dtype(out_dtype).itemsize + _SMEM_SLACK
+        return self.stages * stage + self.cta_m * self.cta_n * jnp.dtype(out_dtype).itemsize + SMEM_SLACK
 
 
 # 128 x 128 CTA tile, two 64 x 128 math warpgroups (DeepGEMM's dense shape), 4 stages: ~200 KB of
@@ -111,7 +111,8 @@ DEFAULT = Config()
 BLOCKED = Config(stages=3, grid_tile_width=8, semantics="warpgroup")
 
 
-def _num_sms() -> int:
+def num_sms() -> int:
+    """SMs of the first device: one persistent CTA each (the Pallas Mosaic GPU kernels' grid)."""
     dev = jax.devices()[0]
     return getattr(dev, "core_count", None) or 132  # H100/H200 SXM: 132
 
@@ -123,9 +124,11 @@ def _fp8_transforms():
     return (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
 
 
-def _out_transforms(wg_n: int, out_dtype):
-    itemsize = jnp.dtype(out_dtype).itemsize
-    swizzle = plgpu.find_swizzle(wg_n * itemsize * 8, "output tile")
+def swizzle_transforms(minor: int, dtype):
+    """TMA/WGMMA tiling and swizzle for a shared-memory tile whose minor dimension holds `minor`
+    elements of `dtype` (the widest swizzle that fits, at most 128 bytes)."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(minor * itemsize * 8, "shared-memory tile")
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
@@ -142,7 +145,7 @@ def _kernel_call(a_MK, b_NK, saT_JM, sb_JN, out_dtype, cfg: Config, sb_blocked: 
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // BLOCK_K
     split_m = cfg.wg_dim == "m"
     fp8_transforms = _fp8_transforms()
-    out_transforms = _out_transforms(wg_n, out_dtype)
+    out_transforms = swizzle_transforms(wg_n, out_dtype)
 
     def get_pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -229,7 +232,7 @@ def _kernel_call(a_MK, b_NK, saT_JM, sb_JN, out_dtype, cfg: Config, sb_blocked: 
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(num_ctas or _num_sms(),),
+        grid=(num_ctas or num_sms(),),
         grid_names=("sm",),
         num_threads=cfg.num_compute_wgs + 1,
         thread_name="wg",

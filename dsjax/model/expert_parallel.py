@@ -95,10 +95,7 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
     if moe.dispatch == "capacity":
         n_slice = n / mesh.shape.get("data", 1)
         cap = max(1, math.ceil(moe.capacity_factor * n_slice * k / e))
-    max_pairs = None
-    if moe.dispatch == "dropless" and moe.ep_pair_capacity > 0:
-        max_pairs = math.ceil(moe.ep_pair_capacity * ((n + pad) // shards) * k)
-    local = functools.partial(_local, config=config, num_shards=s, cap=cap, max_pairs=max_pairs,
+    local = functools.partial(_local, config=config, num_shards=s, cap=cap,
                               tensor=tensor if tensor and mesh.shape[tensor] > 1 else None, batch_axes=batch_axes)
     tokens = P(batch_axes, None)
     y_ND, dropped = jax.shard_map(
@@ -109,11 +106,14 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
     return y_ND[:n], dropped
 
 
-def _local(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, config, num_shards, cap, max_pairs,
-           tensor, batch_axes):
+def _local(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, config, num_shards, cap, tensor,
+           batch_axes):
     """One device: dispatch, exchange, compute, exchange back, combine."""
     n, k = ids_NK.shape
     s, e_l = num_shards, w_gate_EDF.shape[0]
+    moe = config.moe
+    max_pairs = (math.ceil(moe.ep_pair_capacity * n * k)
+                 if moe.dispatch == "dropless" and moe.ep_pair_capacity > 0 else None)
     experts = functools.partial(_compute, w_gate_EDF=w_gate_EDF, w_up_EDF=w_up_EDF, w_down_EFD=w_down_EFD,
                                 cap=cap, max_pairs=max_pairs, grouped_gemm=config.moe.grouped_gemm,
                                 fp8=dispatch.fp8_backend(config))

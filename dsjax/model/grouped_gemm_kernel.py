@@ -57,10 +57,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from dsjax.fp8.kernel import SMEM_LIMIT, SMEM_SLACK, num_sms, swizzle_transforms
 from dsjax.group_tiles import m_tile_schedule
 
-SMEM_LIMIT = 232_448  # bytes of shared memory one CTA may use on H100/H200
-_SMEM_SLACK = 1024  # barriers
 NUM_COMPUTE_WGS = 2
 
 
@@ -81,7 +80,7 @@ class Tiles:
     def smem_bytes(self, itemsize: int = 2) -> int:
         """Shared memory: the stages (an lhs and an rhs tile each) + both warpgroups' output slices."""
         stage = (self.tile_m + NUM_COMPUTE_WGS * self.tile_n) * self.tile_k * itemsize
-        return self.stages * stage + NUM_COMPUTE_WGS * self.tile_m * self.tile_n * itemsize + _SMEM_SLACK
+        return self.stages * stage + NUM_COMPUTE_WGS * self.tile_m * self.tile_n * itemsize + SMEM_SLACK
 
     def check(self):
         if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 64 or self.tile_n > 256:
@@ -106,22 +105,11 @@ M_GROUPED = DEFAULT
 K_GROUPED = Tiles(grid_tile_width=2)
 
 
-def _num_sms() -> int:
-    return jax.devices()[0].core_count
-
-
-def _swizzled(minor: int, dtype):
-    """TMA/WGMMA transforms for a tile whose minor dimension has `minor` elements (<= 128 B swizzle)."""
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _launch(body, out_shape, dtype, interpret, num_ctas):
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct(out_shape, dtype),
-        grid=(num_ctas or _num_sms(),),
+        grid=(num_ctas or num_sms(),),
         grid_names=("sm",),
         num_threads=NUM_COMPUTE_WGS + 1,
         thread_name="wg",
@@ -136,7 +124,7 @@ def _pipeline(step, compute_context, lhs_block, rhs_block, lhs_index, rhs_index,
         step,
         grid=(num_steps,),
         memory_registers=40,
-        in_specs=[plgpu.BlockSpec(block, index, transforms=_swizzled(tiles.tile_k, dtype),
+        in_specs=[plgpu.BlockSpec(block, index, transforms=swizzle_transforms(tiles.tile_k, dtype),
                                   delay_release=tiles.delay_release)
                   for block, index in ((lhs_block, lhs_index), (rhs_block, rhs_index))],
         wg_axis="wg",
@@ -266,7 +254,7 @@ def k_grouped(x_MK, dy_MN, group_sizes_G, tiles: Tiles = K_GROUPED, *, interpret
         allocs = pipeline(ignore, ignore, tiles.stages, 0).get_allocations(x_gmem, dy_gmem)
 
         @functools.partial(pl.run_scoped, pipeline_allocs=allocs,
-                           out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, tm, tn), dtype, transforms=_swizzled(tn, dtype)),
+                           out_smem=plgpu.SMEM((NUM_COMPUTE_WGS, tm, tn), dtype, transforms=swizzle_transforms(tn, dtype)),
                            collective_axes="wg")
         def _scope(pipeline_allocs, out_smem):
             wg = lax.axis_index("wg")
