@@ -4,6 +4,8 @@ group-aligned, transposed 128x1 tiles (grouped.quantize_wgrad)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +90,48 @@ def test_weight_blocks_of_a_concatenation():
         quantize_kernel.quantize_weight_blocks(parts[0], parts[1][:, :128], interpret=True)
 
 
+def test_weight_blocks_from_float32_masters_round_to_the_compute_dtype_first():
+    """`round_to`: float32 weights (two, concatenated) quantize as their bf16 cast would, bit for bit,
+    in the kernel and on XLA's path; without it the float32 values quantize differently (the
+    rounding is not a no-op on these values)."""
+    r = np.random.RandomState(4)
+    w = jnp.asarray(r.randn(2, 256, 384) * np.exp(r.randn(2, 1, 384)), jnp.float32)
+    parts = (w[:, :, :256], w[:, :, 256:])
+    want = quantize_kernel.quantize_weight_blocks(*(p.astype(jnp.bfloat16) for p in parts), interpret=True)
+    for got in (quantize_kernel.quantize_weight_blocks(*parts, round_to="bfloat16", interpret=True),
+                quantize_kernel.weight_blocks(parts, "xla_cpu", round_to="bfloat16")):
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(_bits(g), _bits(e))
+    unrounded = quantize_kernel.quantize_weight_blocks(*parts, interpret=True)
+    assert (_bits(unrounded.q_GKN) != _bits(want.q_GKN)).any()
+
+
+def test_outputs_that_32_bit_offsets_cannot_address_are_written_as_uint16_pairs(monkeypatch):
+    """Pallas's Triton lowering addresses arrays of at most 2^32 bytes with 32-bit element offsets,
+    which wrap past 2^31 elements: weight blocks past that are written as uint16 pairs (half the
+    elements) and viewed back as fp8, equal to the plain kernel's, for one weight and for two
+    concatenated, rounded from float32; activations past it go to XLA's passes. The limit is scaled
+    down here (2^31 elements -> 2^18) so that small arrays take those paths."""
+    from dsjax.fp8 import quantize_kernel as qk
+
+    assert qk.offsets_wrap((448, 2048, 2816), jnp.float8_e4m3fn)  # small.py's gate|up, 7 layers
+    assert not qk.offsets_wrap((448, 2048, 1408), jnp.float8_e4m3fn)  # its down blocks
+    assert not qk.offsets_wrap((448, 2048, 2816), jnp.float32)  # > 2^32 bytes: 64-bit offsets
+    r = np.random.RandomState(5)
+    w = jnp.asarray(r.randn(3, 256, 384) * np.exp(r.randn(3, 1, 384)), jnp.float32).at[1, :128, :128].set(0)
+    cases = (((w.astype(jnp.bfloat16),), None), ((w[:, :, :128], w[:, :, 128:]), "bfloat16"))
+    want = [qk.quantize_weight_blocks.__wrapped__(*ws, round_to=rt, interpret=True) for ws, rt in cases]
+    monkeypatch.setattr(qk, "OFFSET_LIMIT", 2**18)  # 3 x 256 x 384 fp8 elements now wrap
+    assert qk.offsets_wrap((3, 256, 384), jnp.float8_e4m3fn)
+    for (ws, rt), expected in zip(cases, want):
+        got = qk.quantize_weight_blocks.__wrapped__(*ws, round_to=rt, interpret=True)
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and g.dtype == e.dtype
+            np.testing.assert_array_equal(_bits(g), _bits(e))
+    assert "wrap" in qk.unfit_reason(jnp.zeros((1024, 256), jnp.bfloat16))
+    assert qk.unfit_reason(jnp.zeros((128, 256), jnp.bfloat16)) is None
+
+
 def test_kernels_lower_for_cuda(monkeypatch):
     """Pallas -> Triton lowering for sm_90 on CPU (no PTX): the dynamic-start masked tiles, the
     in-register transposes, the fp8 stores and the per-block scalar scale."""
@@ -101,7 +145,10 @@ def test_kernels_lower_for_cuda(monkeypatch):
                                                         jax.ShapeDtypeStruct((8,), jnp.int32))),
              (quantize_kernel.quantize_weight_blocks, (jax.ShapeDtypeStruct((4, 256, 384), jnp.bfloat16),)),
              (quantize_kernel.quantize_weight_blocks, (jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16),
-                                                       jax.ShapeDtypeStruct((4, 256, 128), jnp.bfloat16))))
+                                                       jax.ShapeDtypeStruct((4, 256, 128), jnp.bfloat16))),
+             # uint16 pairs (strided parity loads and stores), from float32 rounded to bf16: 2.58e9 elements
+             (functools.partial(quantize_kernel.quantize_weight_blocks, round_to="bfloat16"),
+              (jax.ShapeDtypeStruct((448, 2048, 1408), jnp.float32),) * 2))
     for fn, args in calls:
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text

@@ -11,7 +11,9 @@ custom_vjp follow dot.py's block mode, expert by expert:
                               128-row tiles counted from each group's first row.
 Each 128-slice of the contraction has its own scales and is promoted to float32 on its own
 (§3.3.2). dx comes back in x's dtype, dw in w's dtype; group_sizes gets no gradient. The forward
-caches x already quantized for wgrad (fp8, in the layout below) and w itself, as dot.py does.
+caches x already quantized for wgrad (fp8, in the layout below) and w itself, as dot.py does. w's
+blocks may come made by the caller (`blocks`: all layers' at once before a layer scan,
+dsjax.model.fp8_weights); they are then a scanned input the backward reads in place, not a residual.
 
 Wgrad's layout: each group's rows are gathered into a segment that starts on a multiple of 128
 rows and is zero-padded to one (`_pad_groups`, [P, D] with P = 128 * T, T bounding the tiles of
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +55,7 @@ from jax import lax
 from dsjax.fallbacks import warn_once
 from dsjax.fp8.dot import BACKENDS, BLOCK, _check_gpu
 from dsjax.fp8.quantize import dequantize_blocks, quantize_blocks
-from dsjax.fp8.quantize_kernel import weight_blocks
+from dsjax.fp8.quantize_kernel import WeightBlocks, weight_blocks
 from dsjax.remat_names import FP8_OPERANDS, saved
 
 log = logging.getLogger(__name__)
@@ -95,7 +98,7 @@ def quantize_activation(x_MD: jax.Array, group_sizes_G: jax.Array, backend: str)
     if backend == "pallas_gpu":
         from dsjax.fp8 import quantize_kernel
 
-        reason = quantize_kernel.unfit_reason(x_MD)
+        reason = quantize_kernel.unfit_reason(x_MD, group_sizes_G.shape[0])
         if reason is None:
             return quantize_kernel.quantize_rows_and_tiles(x_MD, group_sizes_G)
         warn_once(log, ("quantize", reason), f"kernel_backend='pallas_gpu' cannot quantize {reason} in one "
@@ -168,20 +171,29 @@ def _k_grouped(qa_KP, sa_KT, qb_NP, sb_NT, group_sizes_G, backend: str, out_dtyp
 
 # ---- custom_vjp ---------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _gmm(x_MK, ws_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered, widths):
-    return _gmm_fwd(x_MK, ws_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered, widths)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _gmm(x_MK, ws_GKN, blocks, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered, widths):
+    return _gmm_fwd(x_MK, ws_GKN, blocks, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered, widths)[0]
 
 
-def _gmm_fwd(x_MK, ws_GKN, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered, widths):
-    """ws_GKN: a tuple of weights [G, K, N_i] (N_i = widths[i]), used as their concatenation along N."""
+def _gmm_fwd(x_MK, ws_GKN, blocks, group_sizes_G, backend, out_dtype, x_dtype, w_dtype, covered, widths):
+    """ws_GKN: a tuple of weights [G, K, N_i] (N_i = widths[i]), used as their concatenation along N;
+    blocks: their WeightBlocks made earlier, or None to make them here."""
     del x_dtype, w_dtype, widths
     qx_MK, sx_MJ, qxt_KP, sxt_KT = quantize_activation(x_MK, group_sizes_G, backend)
-    qw_GKN, qwt_GNK, sw_GJL = weight_blocks(ws_GKN, backend)  # both orientations from one read
+    made_here = blocks is None
+    if made_here:
+        blocks = weight_blocks(ws_GKN, backend)  # both orientations from one read
+    qw_GKN, qwt_GNK, sw_GJL = blocks
     y_MN = _m_grouped(qx_MK, sx_MJ, qwt_GNK, _per_column(sw_GJL, qw_GKN.shape[2]), group_sizes_G, backend,
                       out_dtype, covered)
-    # the backward's operands, made here once (see remat_names.FP8_OPERANDS): wgrad's tiles of x, dgrad's w
-    return y_MN, (*saved((qxt_KP, sxt_KT, qw_GKN, sw_GJL), FP8_OPERANDS), group_sizes_G)
+    # the backward's operands, made here once (see remat_names.FP8_OPERANDS): wgrad's tiles of x, dgrad's w.
+    # Blocks made by the caller stay unnamed: a layer scan then forwards them to the backward as the
+    # scanned input they are, where a named (saved) residual would be copied into a stacked buffer.
+    qxt_KP, sxt_KT = saved((qxt_KP, sxt_KT), FP8_OPERANDS)
+    if made_here:
+        qw_GKN, sw_GJL = saved((qw_GKN, sw_GJL), FP8_OPERANDS)
+    return y_MN, (qxt_KP, sxt_KT, qw_GKN, sw_GJL, group_sizes_G)
 
 
 def _gmm_bwd(backend, out_dtype, x_dtype, w_dtype, covered, widths, res, dy_MN):
@@ -194,14 +206,14 @@ def _gmm_bwd(backend, out_dtype, x_dtype, w_dtype, covered, widths, res, dy_MN):
                        backend, x_dtype, covered)
     dw_GKN = _k_grouped(qxt_KP, sxt_KT, qdyt_NP, sdyt_NT, group_sizes_G, backend, w_dtype)
     ends = np.cumsum(widths)
-    return dx_MK, tuple(dw_GKN[:, :, end - width:end] for end, width in zip(ends, widths)), None
+    return dx_MK, tuple(dw_GKN[:, :, end - width:end] for end, width in zip(ends, widths)), None, None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm_block(x_MK: jax.Array, w_GKN, group_sizes_G: jax.Array, backend: str = "xla_cpu",
-              out_dtype=None, covered: bool = False):
+              out_dtype=None, covered: bool = False, blocks: Optional[WeightBlocks] = None):
     """y [M, N] in out_dtype (default x.dtype): FP8 block-scaled grouped GEMM, zero past the groups.
 
     x [M, K] rows sorted by group, w [G, K, N], group_sizes [G] (int, sum <= M). Differentiable in x
@@ -210,7 +222,10 @@ def gmm_block(x_MK: jax.Array, w_GKN, group_sizes_G: jax.Array, backend: str = "
     without materializing it (the experts' gate and up projections as one GEMM; their gradients
     come back as a tuple). `covered`: as in grouped_gemm.gmm — every row is in a group, or the
     caller never reads the rows past the groups — which lets the Pallas kernels skip zeroing them
-    (a select over y and over dx); those rows then hold garbage.
+    (a select over y and over dx); those rows then hold garbage. `blocks`: w's WeightBlocks
+    (`quantize_kernel.weight_blocks`), made by the caller once for many calls (before a layer scan,
+    dsjax.model.fp8_weights); then w's values are never read, only its shape and dtype (dw's), and
+    the blocks get no gradient.
     """
     if backend not in BACKENDS:
         raise ValueError(f"kernel_backend {backend!r} is not one of {BACKENDS}")
@@ -221,8 +236,15 @@ def gmm_block(x_MK: jax.Array, w_GKN, group_sizes_G: jax.Array, backend: str = "
             or group_sizes_G.shape != (shapes[0][0],) or len({w.dtype for w in ws_GKN}) != 1):
         raise ValueError(f"gmm_block needs x [M>0, K], w [G, K, N] (or a tuple of [G, K, N_i] of one dtype), "
                          f"group_sizes [G]; got x {x_MK.shape}, w {shapes}, group_sizes {group_sizes_G.shape}")
+    if blocks is not None:
+        g, k, n = shapes[0][0], shapes[0][1], sum(sh[2] for sh in shapes)
+        want = ((g, k, n), (g, n, k), (g, -(-k // BLOCK), -(-n // BLOCK)))
+        if tuple(tuple(b.shape) for b in blocks) != want:
+            raise ValueError(f"gmm_block: blocks {[tuple(b.shape) for b in blocks]} are not the 128x128 "
+                             f"blocks of w {shapes} (want q, q^T, scales of shapes {list(want)})")
+        blocks = WeightBlocks(*blocks)  # no stop_gradient: its primitive would hide them from scan forwarding
     if backend == "pallas_gpu":
         _check_gpu(backend)
     out_dtype = jnp.dtype(x_MK.dtype if out_dtype is None else out_dtype)
-    return _gmm(x_MK, ws_GKN, group_sizes_G.astype(jnp.int32), backend, out_dtype, jnp.dtype(x_MK.dtype),
+    return _gmm(x_MK, ws_GKN, blocks, group_sizes_G.astype(jnp.int32), backend, out_dtype, jnp.dtype(x_MK.dtype),
                 jnp.dtype(ws_GKN[0].dtype), covered, tuple(sh[2] for sh in shapes))

@@ -3,6 +3,7 @@
     q_MD, s_MJ, qt_DP, st_DT = quantize_rows_and_tiles(a_MD, group_sizes_G)   # activations
     q_GKN, qt_GNK, s_GJL = quantize_weight_blocks(w_GKN)                      # weights
     q_GKN, qt_GNK, s_GJL = quantize_weight_blocks(w_gate_GKF, w_up_GKF)       # of [w_gate | w_up]
+    q_GKN, qt_GNK, s_GJL = quantize_weight_blocks(w_GKN, round_to="bfloat16")  # float32 masters
 
 Block mode quantizes every activation of a GEMM twice: in 1x128 tiles along the features (each
 row; for the forward and input-gradient GEMMs) and in 128x1 tiles along tokens (for the weight
@@ -37,7 +38,16 @@ weights it quantizes their concatenation along N without materializing it (each 
 reads the one input that holds it): the experts' gate and up projections run as one GEMM, whose
 weights would otherwise be concatenated every step (2.4 ms of a configs/small.py FP8 step).
 On one H200 (2026-11-29): bit-identical, 1.65-1.7x XLA's passes on small.py's expert weights
-(2.9 TB/s). `weight_blocks` picks it or XLA's passes by backend.
+(2.9 TB/s). `weight_blocks` picks it or XLA's passes by backend. `round_to` quantizes float32
+master weights as their compute-dtype cast, without writing that cast (model/fp8_weights.py, which
+quantizes all layers' expert weights in one call before the layer scan).
+
+Array size: Pallas's Triton lowering addresses an array of at most 2^32 bytes with 32-bit element
+offsets, which wrap at 2^31 elements (`offsets_wrap`): all 7 MoE layers' [gate | up] blocks of
+configs/small.py (2.58e9 fp8 values per orientation) were written out of bounds and the step
+stopped learning. The weights' kernel then writes each orientation as uint16 pairs of fp8 values
+(half the elements; parity-strided loads and stores) and views them back as fp8, which costs no copy;
+the activations' kernel refuses such shapes (XLA's passes take them).
 
 Deviation: none in the math. JAX 0.11 deprecates the Pallas Triton backend (as for the
 flash-decoding kernel); these kernels would move to Mosaic GPU with it.
@@ -46,6 +56,8 @@ flash-decoding kernel); these kernels would move to Mosaic GPU with it.
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -112,18 +124,52 @@ def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool, num_warps: 
     return q_MD, s_JM.T, qt_DP, st_TD.T
 
 
-def _weight_kernel(*refs, starts):
+class WeightBlocks(NamedTuple):
+    """A weight's 128x128 FP8 blocks in both K-major orientations, as `weight_blocks` makes them."""
+
+    q_GKN: jax.Array  # float8_e4m3fn [G, K, N]
+    qt_GNK: jax.Array  # float8_e4m3fn [G, N, K], the same blocks transposed
+    s_GJL: jax.Array  # float32 [G, K/128, N/128] dequantization scales
+
+
+def _weight_kernel(*refs, starts, round_to, packed):
     """One 128x128 output block (g, j, l): read from the input whose blocks along N hold l
-    (inputs i cover blocks starts[i] .. starts[i+1] - 1), written in both orientations."""
+    (inputs i cover blocks starts[i] .. starts[i+1] - 1), written in both orientations; values
+    rounded to `round_to` first when given (a float32 master weight read as its bf16 cast).
+    `packed`: the fp8 outputs are uint16 arrays of half the columns, each element two neighbouring
+    fp8 values (low byte first): the block is read as its four (row, column) parities, [64, 64] each,
+    and each orientation's even and odd rows are stored as strided rows."""
     from jax.experimental import pallas as pl
 
     *w_refs, q_ref, qt_ref, s_ref = refs
 
+    def load(w_ref, *index):
+        w = w_ref[index] if index else w_ref[...]
+        return (w if round_to is None else w.astype(round_to)).astype(jnp.float32)
+
     def quantize(w_ref):
-        w_KN = w_ref[...].astype(jnp.float32)
-        scale = _scales(jnp.abs(w_KN).max())  # one per 128x128 block
-        q_ref[...] = _quantized(w_KN, scale)
-        qt_ref[...] = _quantized(w_KN.T, scale)
+        if not packed:
+            w_KN = load(w_ref)
+            scale = _scales(jnp.abs(w_KN).max())  # one per 128x128 block
+            q_ref[...] = _quantized(w_KN, scale)
+            qt_ref[...] = _quantized(w_KN.T, scale)
+            s_ref[...] = scale
+            return
+        half = BLOCK // 2
+        even, odd = pl.ds(0, half, stride=2), pl.ds(1, half, stride=2)
+        ee, eo, oe, oo = (load(w_ref, r, c) for r in (even, odd) for c in (even, odd))  # [row, col] parity
+        scale = _scales(jnp.maximum(jnp.maximum(jnp.abs(ee).max(), jnp.abs(eo).max()),
+                                    jnp.maximum(jnp.abs(oe).max(), jnp.abs(oo).max())))
+
+        def pack(lo, hi):  # two fp8 values per uint16, lo in the low byte (the earlier column)
+            lo, hi = (jax.lax.bitcast_convert_type(_quantized(v, scale), jnp.uint8).astype(jnp.uint16)
+                      for v in (lo, hi))
+            return lo | (hi << 8)
+
+        q_ref[even, :] = pack(ee, eo)  # row 2i of w: columns (2c, 2c + 1) = (ee, eo)[i, c]
+        q_ref[odd, :] = pack(oe, oo)
+        qt_ref[even, :] = pack(ee.T, oe.T)  # row 2c of w^T: columns (2i, 2i + 1) = (ee, oe)[i, c]
+        qt_ref[odd, :] = pack(eo.T, oo.T)
         s_ref[...] = scale
 
     if len(w_refs) == 1:
@@ -134,13 +180,28 @@ def _weight_kernel(*refs, starts):
         pl.when((ll >= lo) & (ll < hi))(functools.partial(quantize, w_ref))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
-def quantize_weight_blocks(*ws_GKN: jax.Array, interpret: bool = False, num_warps: int = NUM_WARPS):
+OFFSET_LIMIT = 2**31  # elements a signed 32-bit offset reaches; 2x this in bytes gets 64-bit offsets
+
+
+def offsets_wrap(shape, dtype) -> bool:
+    """Whether Pallas's Triton lowering would address an array of this shape with wrapping offsets:
+    it computes element offsets in 32 bits unless the array exceeds 2^32 bytes (jax 0.10-0.11,
+    pallas/triton/lowering.py), and a signed 32-bit offset wraps at 2^31 elements. So an fp8 array of
+    2^31-2^32 elements is written out of bounds: configs/small.py's gate|up blocks of all 7 MoE
+    layers at once (2.58e9) corrupted the step on an H200 (2026-11-29)."""
+    n = math.prod(shape)
+    return n >= OFFSET_LIMIT and n * jnp.dtype(dtype).itemsize <= 2 * OFFSET_LIMIT
+
+
+@functools.partial(jax.jit, static_argnames=("round_to", "interpret", "num_warps"))
+def quantize_weight_blocks(*ws_GKN: jax.Array, round_to=None, interpret: bool = False,
+                           num_warps: int = NUM_WARPS) -> WeightBlocks:
     """(q_GKN, qt_GNK, s_GJL): stacked weights [G, K, N] in 128x128 blocks, in both K-major
     orientations (the forward GEMM reads w^T, dgrad w), from one read of each block; equal to
     quantize_blocks(w, (128, 128)) and to quantize_blocks of w transposed. Several weights [G, K, N_i]
     give those of their concatenation along N (not materialized). K and every N_i must be
-    multiples of 128 (`weight_unfit_reason`)."""
+    multiples of 128 (`weight_unfit_reason`). `round_to` (a dtype name, e.g. "bfloat16"): quantize
+    w.astype(round_to) without writing that cast (float32 master weights, read once)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -156,49 +217,66 @@ def quantize_weight_blocks(*ws_GKN: jax.Array, interpret: bool = False, num_warp
     starts = tuple(int(v) for v in np.cumsum([0] + counts))
     n, j, l = sum(w.shape[2] for w in ws_GKN), k // BLOCK, starts[-1]
 
-    def block_of(lo, count):  # input blocks past an input's range are clamped (and not read)
-        return pl.BlockSpec((None, BLOCK, BLOCK),
-                            lambda gg, jj, ll: (gg, jj, jnp.clip(ll - lo, 0, count - 1)))
+    # An fp8 output that 32-bit offsets cannot address (`offsets_wrap`) is written as uint16 pairs
+    # (half the elements) and viewed back as fp8: bitcasts, no copy.
+    packed = offsets_wrap((g, k, n), jnp.float8_e4m3fn)
+    width, out_dtype = (BLOCK // 2, jnp.uint16) if packed else (BLOCK, jnp.float8_e4m3fn)
 
-    return pl.pallas_call(
-        functools.partial(_weight_kernel, starts=starts),
+    def block_of(lo, count):  # input blocks past an input's range are clamped (and not read)
+        return pl.BlockSpec((None, BLOCK, BLOCK), lambda gg, jj, ll: (gg, jj, jnp.clip(ll - lo, 0, count - 1)))
+
+    q, qt, s = pl.pallas_call(
+        functools.partial(_weight_kernel, starts=starts, round_to=round_to, packed=packed),
         grid=(g, j, l),
         in_specs=[block_of(lo, count) for lo, count in zip(starts, counts)],
-        out_specs=[pl.BlockSpec((None, BLOCK, BLOCK), lambda gg, jj, ll: (gg, jj, ll)),
-                   pl.BlockSpec((None, BLOCK, BLOCK), lambda gg, jj, ll: (gg, ll, jj)),
+        out_specs=[pl.BlockSpec((None, BLOCK, width), lambda gg, jj, ll: (gg, jj, ll)),
+                   pl.BlockSpec((None, BLOCK, width), lambda gg, jj, ll: (gg, ll, jj)),
                    pl.BlockSpec((None, None, None), lambda gg, jj, ll: (gg, jj, ll))],
-        out_shape=[jax.ShapeDtypeStruct((g, k, n), jnp.float8_e4m3fn),
-                   jax.ShapeDtypeStruct((g, n, k), jnp.float8_e4m3fn),
+        out_shape=[jax.ShapeDtypeStruct((g, k, n * width // BLOCK), out_dtype),
+                   jax.ShapeDtypeStruct((g, n, k * width // BLOCK), out_dtype),
                    jax.ShapeDtypeStruct((g, j, l), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
     )(*ws_GKN)
+    if packed:
+        q, qt = (jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(
+            x.shape[:-1] + (2 * x.shape[-1],)), jnp.float8_e4m3fn) for x in (q, qt))
+    return WeightBlocks(q, qt, s)
 
 
-def weight_blocks(ws_GKN: tuple, backend: str):
-    """(q_GKN, qt_GNK, s_GJL) of the weights `ws_GKN` ([G, K, N_i] each) concatenated along N
-    (usually just one): through `quantize_weight_blocks` for backend "pallas_gpu" when it fits;
-    otherwise (other backends, K or an N_i not a multiple of 128) XLA's quantize_blocks, into which
-    the concatenation fuses, and whose q^T is the same values transposed (a 128x128 block stays a
-    block)."""
+def weight_blocks(ws_GKN: tuple, backend: str, round_to: Optional[str] = None) -> WeightBlocks:
+    """The WeightBlocks of the weights `ws_GKN` ([G, K, N_i] each) concatenated along N (usually
+    just one), rounded to `round_to` first when given: through `quantize_weight_blocks` for backend
+    "pallas_gpu" when it fits; otherwise (other backends, K or an N_i not a multiple of 128) XLA's
+    quantize_blocks, into which the cast and the concatenation fuse, and whose q^T is the same
+    values transposed (a 128x128 block stays a block)."""
     if backend == "pallas_gpu" and all(weight_unfit_reason(w) is None for w in ws_GKN):
-        return quantize_weight_blocks(*ws_GKN)
+        return quantize_weight_blocks(*ws_GKN, round_to=round_to)
     w_GKN = ws_GKN[0] if len(ws_GKN) == 1 else jnp.concatenate(ws_GKN, axis=2)
+    if round_to is not None:
+        w_GKN = w_GKN.astype(round_to)
     q_GKN, s_GJL = quantize_blocks(w_GKN, (BLOCK, BLOCK))
-    return q_GKN, q_GKN.transpose(0, 2, 1), s_GJL
+    return WeightBlocks(q_GKN, q_GKN.transpose(0, 2, 1), s_GJL)
 
 
 def weight_unfit_reason(w_GKN) -> str | None:
     """Why `quantize_weight_blocks` cannot take w, or None."""
     if w_GKN.ndim != 3 or w_GKN.shape[1] % BLOCK or w_GKN.shape[2] % BLOCK:
         return f"weights {w_GKN.shape} (needs [G, K, N] with K and N multiples of {BLOCK})"
+    if offsets_wrap(w_GKN.shape, w_GKN.dtype) or w_GKN.shape[1] * w_GKN.shape[2] >= OFFSET_LIMIT:
+        return f"weights {w_GKN.dtype}{list(w_GKN.shape)} (32-bit offsets would wrap)"
     return None
 
 
-def unfit_reason(a_MD) -> str | None:
-    """Why the kernel cannot take `a`, or None."""
+def unfit_reason(a_MD, num_groups: int = 1) -> str | None:
+    """Why the kernel cannot take `a` (rows in `num_groups` groups), or None."""
     if a_MD.ndim != 2 or a_MD.shape[0] == 0 or a_MD.shape[1] % BLOCK:
         return f"activation {a_MD.shape} (needs [M > 0, D] with D a multiple of {BLOCK})"
+    m, d = a_MD.shape
+    padded = m + (BLOCK - 1) * num_groups  # rows of the weight-gradient layout, at most
+    if any(offsets_wrap(shape, dtype) for shape, dtype in (((m, d), a_MD.dtype), ((m, d), jnp.float8_e4m3fn),
+                                                            ((d, padded), jnp.float8_e4m3fn))):
+        return f"activation {a_MD.dtype}{list(a_MD.shape)} in {num_groups} groups (32-bit offsets would wrap)"
     return None
 
 
@@ -209,7 +287,7 @@ def quantize_rows_and_tiles(a_MD: jax.Array, group_sizes_G: jax.Array, *, interp
     (scripts/check_fp8_quantize.py --num_warps times others)."""
     from dsjax.fp8.grouped import tile_rows
 
-    reason = unfit_reason(a_MD)
+    reason = unfit_reason(a_MD, group_sizes_G.shape[0])
     if reason is not None:
         raise ValueError(f"quantize_rows_and_tiles: {reason}")
     start_T, rows_T = tile_rows(group_sizes_G.astype(jnp.int32), a_MD.shape[0])

@@ -19,6 +19,7 @@ import jax
 from flax import linen as nn
 
 from dsjax.config import ModelConfig
+from dsjax.model.fp8_weights import FP8_COLLECTION
 from dsjax.model.layers import RMSNorm, SwiGLU
 from dsjax.model.mla import MLA, CacheView, LayerCache
 from dsjax.model.moe import MoE
@@ -91,7 +92,7 @@ class LayerStack(nn.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, view=None, cache=None, replay_ids_LBTK=None):
         scan = nn.scan(
             _ScanBody,
-            variable_axes={"params": 0, "router": 0},
+            variable_axes={"params": 0, "router": 0, FP8_COLLECTION: 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=self.num_layers,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,17 @@ import jax.numpy as jnp
 from dsjax.config import ModelConfig
 from dsjax.fp8 import gmm_block
 from dsjax.fp8.dot import BLOCK as FP8_BLOCK
+from dsjax.fp8.quantize_kernel import WeightBlocks
 from dsjax.model.grouped_gemm import gmm
 from dsjax.remat_names import SAVED_GEMM, saved
+
+
+class ExpertBlocks(NamedTuple):
+    """The experts' FP8 weights made before the layer (dsjax.model.fp8_weights): the 128x128 blocks of
+    [w_gate | w_up] (one GEMM) and of w_down."""
+
+    gate_up: WeightBlocks
+    down: WeightBlocks
 
 
 def fp8_backend(config: ModelConfig) -> Optional[str]:
@@ -38,7 +47,7 @@ def fp8_backend(config: ModelConfig) -> Optional[str]:
 
 
 def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla",
-                past_groups: str = "zeroed", fp8: Optional[str] = None):
+                past_groups: str = "zeroed", fp8: Optional[str] = None, blocks: Optional[ExpertBlocks] = None):
     """SwiGLU experts over rows sorted into contiguous expert groups. `past_groups` says what the
     caller knows of the rows past sum(group_sizes):
       "zeroed"  they may exist and come back as 0 (the grouped GEMMs zero them: select passes);
@@ -56,21 +65,27 @@ def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_g
     The 128x128 weight blocks and 1x128 tiles are then exactly those of the two separate GEMMs, and
     the weights are never concatenated (gmm_block takes them as a tuple: the Pallas weights' kernel
     reads each block from whichever holds it; a concatenated copy cost 2.4 ms per configs/small.py
-    FP8 step on an H200)."""
+    FP8 step on an H200). `blocks`: those weights already quantized (`ExpertBlocks`, made once
+    before the layer scan; fp8 only, F a multiple of 128), so that no weight is quantized here."""
     if past_groups not in ("zeroed", "absent", "unread"):
         raise ValueError(f"ffn_grouped: past_groups={past_groups!r} is not 'zeroed', 'absent' or 'unread'")
     covered = past_groups != "zeroed"
+    f = w_gate_EDF.shape[-1]
+    if blocks is not None and (fp8 is None or f % FP8_BLOCK):
+        raise ValueError(f"ffn_grouped: FP8 weight blocks need fp8 block GEMMs and an expert width that is a "
+                         f"multiple of {FP8_BLOCK} (fp8={fp8!r}, width {f})")
 
-    def gemm(a_MK, w_EKN):  # saved by remat (remat_names.SAVED_GEMM); fp8 also takes a tuple of weights
+    def gemm(a_MK, w_EKN, w_blocks=None):  # saved by remat (remat_names.SAVED_GEMM); fp8 also takes a tuple
         if fp8 is None:
             y_MN = gmm(a_MK, w_EKN, group_sizes_E, grouped_gemm, out_dtype=x_MD.dtype, covered=covered)
         else:
-            y_MN = gmm_block(a_MK, w_EKN, group_sizes_E, fp8, out_dtype=x_MD.dtype, covered=covered)
+            y_MN = gmm_block(a_MK, w_EKN, group_sizes_E, fp8, out_dtype=x_MD.dtype, covered=covered,
+                             blocks=w_blocks)
         return saved(y_MN, SAVED_GEMM)
 
-    f = w_gate_EDF.shape[-1]
     if fp8 is not None and f % FP8_BLOCK == 0:
-        gate_up_MX = gemm(x_MD, (w_gate_EDF, w_up_EDF))  # one GEMM over [w_gate | w_up], not materialized
+        # one GEMM over [w_gate | w_up], not materialized
+        gate_up_MX = gemm(x_MD, (w_gate_EDF, w_up_EDF), None if blocks is None else blocks.gate_up)
         gate_MF, up_MF = gate_up_MX[:, :f], gate_up_MX[:, f:]
     else:
         gate_MF, up_MF = gemm(x_MD, w_gate_EDF), gemm(x_MD, w_up_EDF)
@@ -79,7 +94,7 @@ def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_g
         in_group_M1 = (jnp.arange(x_MD.shape[0]) < group_sizes_E.sum())[:, None]
         gate_MF, up_MF = jnp.where(in_group_M1, gate_MF, 0.0), jnp.where(in_group_M1, up_MF, 0.0)
     h_MF = (jax.nn.silu(gate_MF) * up_MF).astype(x_MD.dtype)
-    return gemm(h_MF, w_down_EFD)
+    return gemm(h_MF, w_down_EFD, None if blocks is None else blocks.down)
 
 
 def dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
@@ -134,7 +149,7 @@ unsort_rows.defvjp(_unsort_rows_fwd, _unsort_rows_bwd)
 
 
 def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm: str = "xla",
-             fp8: Optional[str] = None):
+             fp8: Optional[str] = None, blocks: Optional[ExpertBlocks] = None):
     n, k = ids_NK.shape
     e = w_gate_EDF.shape[0]
     flat_ids_M = ids_NK.reshape(-1)
@@ -143,7 +158,7 @@ def dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, grouped
     x_MD = sort_rows(x_ND, order_M, inverse_M, k)
     group_sizes_E = jnp.bincount(flat_ids_M, length=e).astype(jnp.int32)
     y_MD = ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm, past_groups="absent",
-                       fp8=fp8)
+                       fp8=fp8, blocks=blocks)
     y_MD = unsort_rows(y_MD, order_M, inverse_M)  # back to (token, slot) order
     y_ND = (y_MD.reshape(n, k, -1).astype(jnp.float32) * weights_NK[..., None]).sum(1)
     return y_ND, jnp.zeros((), jnp.int32)
@@ -182,12 +197,16 @@ def capacity_ffn(x_MD, slot_M, cap: int, w_gate_EDF, w_up_EDF, w_down_EFD):
     return jnp.take(out_XD, slot_M, axis=0)
 
 
-def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config: ModelConfig):
-    """(y [N, D] float32, number of dropped (token, expert) pairs)."""
+def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config: ModelConfig,
+                   blocks: Optional[ExpertBlocks] = None):
+    """(y [N, D] float32, number of dropped (token, expert) pairs). `blocks`: see ffn_grouped
+    (dropless dispatch only)."""
     kind = config.moe.dispatch
+    if blocks is not None and kind != "dropless":
+        raise ValueError(f"routed_experts: FP8 weight blocks serve dropless dispatch only, not {kind!r}")
     if kind == "dense":
         return dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
     if kind == "capacity":
         return capacity(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config.moe.capacity_factor)
     return dropless(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config.moe.grouped_gemm,
-                    fp8_backend(config))
+                    fp8_backend(config), blocks)

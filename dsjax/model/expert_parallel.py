@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from dsjax.config import ModelConfig
+from dsjax.fp8.quantize_kernel import WeightBlocks
 from dsjax.model import dispatch
 from dsjax.sharding import BATCH
 
@@ -74,8 +75,29 @@ def mesh_for(config: ModelConfig):
     return None
 
 
-def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config: ModelConfig, mesh):
-    """dispatch.routed_experts over `mesh`: (y [N, D] float32, dropped pairs int32)."""
+def weight_specs(tensor):
+    """The shard_map specs of the routed experts' weights (gate, up, down): experts over 'expert',
+    the expert width F over `tensor` (None: unsplit)."""
+    return P(EXPERT, None, tensor), P(EXPERT, None, tensor), P(EXPERT, tensor, None)
+
+
+def block_specs(tensor):
+    """The specs of their FP8 blocks (dispatch.ExpertBlocks), split as the weights they come from:
+    [gate | up] [E, D, 2F] (each tensor shard holds its own slices' concatenation), its transpose and
+    scales; down [E, F, D], its transpose and scales."""
+    gate_up, down = P(EXPERT, None, tensor), P(EXPERT, tensor, None)
+    return dispatch.ExpertBlocks(WeightBlocks(gate_up, down, gate_up), WeightBlocks(down, gate_up, down))
+
+
+def tensor_axis(mesh):
+    """The mesh axis the experts' width F is split over, or None."""
+    return TENSOR if TENSOR in mesh.axis_names and mesh.shape[TENSOR] > 1 else None
+
+
+def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, config: ModelConfig, mesh,
+                   blocks=None):
+    """dispatch.routed_experts over `mesh`: (y [N, D] float32, dropped pairs int32). `blocks`: the
+    weights' dispatch.ExpertBlocks, split by `block_specs` (dropless only), or None."""
     moe = config.moe
     n, k = ids_NK.shape
     e = w_gate_EDF.shape[0]
@@ -84,7 +106,7 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
         raise ValueError(f"config field 'model.moe.n_routed_experts': {e} experts do not divide over "
                          f"mesh axis 'expert' of size {s}")
     batch_axes = tuple(a for a in BATCH if a in mesh.axis_names)
-    tensor = TENSOR if TENSOR in mesh.axis_names else None
+    tensor = tensor_axis(mesh)
     shards = math.prod(mesh.shape[a] for a in batch_axes)
     pad = -n % shards
     if pad:
@@ -95,18 +117,19 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
     if moe.dispatch == "capacity":
         n_slice = n / mesh.shape.get("data", 1)
         cap = max(1, math.ceil(moe.capacity_factor * n_slice * k / e))
-    local = functools.partial(_local, config=config, num_shards=s, cap=cap,
-                              tensor=tensor if tensor and mesh.shape[tensor] > 1 else None, batch_axes=batch_axes)
+    if blocks is not None and moe.dispatch != "dropless":
+        raise ValueError(f"routed_experts: FP8 weight blocks serve dropless dispatch only, not {moe.dispatch!r}")
+    local = functools.partial(_local, config=config, num_shards=s, cap=cap, tensor=tensor, batch_axes=batch_axes)
     tokens = P(batch_axes, None)
     y_ND, dropped = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(tokens, tokens, tokens, P(EXPERT, None, tensor), P(EXPERT, None, tensor), P(EXPERT, tensor, None)),
+        in_specs=(tokens, tokens, tokens, *weight_specs(tensor), None if blocks is None else block_specs(tensor)),
         out_specs=(tokens, P()), check_vma=False,
-    )(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    )(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, blocks)
     return y_ND[:n], dropped
 
 
-def _local(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, config, num_shards, cap, tensor,
+def _local(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, blocks, *, config, num_shards, cap, tensor,
            batch_axes):
     """One device: dispatch, exchange, compute, exchange back, combine."""
     n, k = ids_NK.shape
@@ -115,7 +138,7 @@ def _local(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, *, config
     max_pairs = (math.ceil(moe.ep_pair_capacity * n * k)
                  if moe.dispatch == "dropless" and moe.ep_pair_capacity > 0 else None)
     experts = functools.partial(_compute, w_gate_EDF=w_gate_EDF, w_up_EDF=w_up_EDF, w_down_EFD=w_down_EFD,
-                                cap=cap, max_pairs=max_pairs, grouped_gemm=config.moe.grouped_gemm,
+                                blocks=blocks, cap=cap, max_pairs=max_pairs, grouped_gemm=config.moe.grouped_gemm,
                                 fp8=dispatch.fp8_backend(config))
     shard_NK = jnp.where(ids_NK >= 0, ids_NK // e_l, -1)
     on_NSK = shard_NK[:, None, :] == jnp.arange(s)[None, :, None]
@@ -180,7 +203,7 @@ def _exchange_ragged(x_ND1, meta_NSX, to_NS, experts, empty_X, max_shards_per_to
     return jax.ops.segment_sum(back_PD.astype(jnp.float32), src_P, num_segments=n + 1)[:n], dropped
 
 
-def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, cap, max_pairs, grouped_gemm, fp8):
+def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, blocks, cap, max_pairs, grouped_gemm, fp8):
     """Local experts on received rows: per row, sum over its local slots of gate · FFN_e(x_row)."""
     r, k = x_RD.shape[0], meta_RX.shape[1] // 2
     e_l = w_gate_EDF.shape[0]
@@ -203,7 +226,7 @@ def _compute(x_RD, meta_RX, *, w_gate_EDF, w_up_EDF, w_down_EFD, cap, max_pairs,
         # the gather's gradient by _gather_rows.
         x_MD = _gather_rows(x_RD, row_M, real_M, r)
         y_MD = dispatch.ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_gemm,
-                                    past_groups="unread", fp8=fp8)
+                                    past_groups="unread", fp8=fp8, blocks=blocks)
         y_MD = jnp.where(real_M[:, None], y_MD, jnp.zeros((), y_MD.dtype))
         dropped = overflow
     else:  # first `cap` pairs of each expert in arrival order = token order within the data slice

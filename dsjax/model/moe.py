@@ -16,6 +16,10 @@ aux-loss-free bias update) and the sequence-wise balance loss (V3 eqs. 17-20)
 per row, averaged over rows, counting only real tokens (segment id != 0); and the chosen expert
 ids, which GRPO records for router replay. Passing `replay_ids` forces those experts (gate
 weights are still computed from the current scores, so the router keeps its gradient).
+
+With fp8 "block", the experts' weights may arrive already quantized in the variables' "fp8"
+collection (`compute_variables` puts them there, model/fp8_weights.py); the layer then quantizes
+none itself.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsjax.config import ModelConfig
+from dsjax.fp8.quantize_kernel import WeightBlocks
 from dsjax.model import dispatch, expert_parallel
+from dsjax.model.fp8_weights import FP8_COLLECTION
 from dsjax.model.layers import SwiGLU, dtype_of, init_normal
 from dsjax.model.router import Router
 
@@ -62,13 +68,17 @@ class MoE(nn.Module):
         w_gate_EDF = expert_weight("gate", (e, d, f), ("expert", "expert_embed", "expert_mlp"))
         w_up_EDF = expert_weight("up", (e, d, f), ("expert", "expert_embed", "expert_mlp"))
         w_down_EFD = expert_weight("down", (e, f, d), ("expert", "expert_mlp", "expert_embed"))
+        blocks = None  # FP8 weights quantized before the layer scan (model/fp8_weights.py), when given
+        if self.has_variable(FP8_COLLECTION, "gate_up"):
+            blocks = dispatch.ExpertBlocks(WeightBlocks(*self.get_variable(FP8_COLLECTION, "gate_up")),
+                                           WeightBlocks(*self.get_variable(FP8_COLLECTION, "down")))
         mesh = expert_parallel.mesh_for(c)
         if mesh is None:
             routed_ND, dropped = dispatch.routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF,
-                                                         w_down_EFD, c)
+                                                         w_down_EFD, c, blocks)
         else:
             routed_ND, dropped = expert_parallel.routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF,
-                                                                w_down_EFD, c, mesh)
+                                                                w_down_EFD, c, mesh, blocks)
         y_BTD = routed_ND.reshape(b, t, d).astype(dtype)
         if moe.n_shared_experts:
             y_BTD = y_BTD + SwiGLU(f * moe.n_shared_experts, c, name="shared")(x_BTD)

@@ -12,7 +12,8 @@ read here.
 collection (the selection bias) — as they are. Every
 layer casts its weights itself too, so applying the model to the result gives the same numbers;
 callers do it once outside the layer scans, so that neither the scan nor rematerialization nor a
-decode loop repeats the float32 -> bf16 pass over every weight.
+decode loop repeats the float32 -> bf16 pass over every weight. With fp8 "block" it also quantizes
+the routed experts' weights into FP8 blocks there, once (model/fp8_weights.py: collection "fp8").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flax import linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.model.decoder import LayerStack
+from dsjax.model.fp8_weights import FP8_COLLECTION, expert_blocks
 from dsjax.model.layers import Dense, Embed, RMSNorm
 from dsjax.model.mla import CacheView, LayerCache, write_entries
 from dsjax.model.moe import MoEStats
@@ -45,7 +47,11 @@ def compute_variables(config: ModelConfig, variables: dict) -> dict:
         wider = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > dtype.itemsize
         return x.astype(dtype) if wider and not names & set(FLOAT32_ISLANDS) else x
 
-    return {**variables, "params": jax.tree_util.tree_map_with_path(cast, variables["params"])}
+    out = {**variables, "params": jax.tree_util.tree_map_with_path(cast, variables["params"])}
+    blocks = expert_blocks(config, variables["params"])  # fp8 "block": the experts' FP8 weights, made here once
+    if blocks:
+        out[FP8_COLLECTION] = blocks
+    return out
 
 
 class ModelCache(NamedTuple):
