@@ -1,7 +1,8 @@
 """Check and time dsjax/fp8/grouped_kernel.py's FP8 grouped GEMMs on one Hopper GPU (one run, ~1-2 min).
 
-    python scripts/check_fp8_grouped.py [--quick] [--out DIR]     # on the GPU machine
-    python scripts/check_fp8_grouped.py --cpu-interpret            # dry run on CPU, jax >= 0.11
+    python scripts/check_fp8_grouped.py [--quick] [--only PREFIX] [--out DIR]     # on the GPU machine
+    python scripts/check_fp8_grouped.py --only=small --configs=sweep              # tile-config sweep
+    python scripts/check_fp8_grouped.py --cpu-interpret [--configs=...]           # dry run on CPU, jax >= 0.11
 
 (a) Correctness, relative Frobenius error (expected ~1e-4 or better; FAIL above 2e-3):
     - the M-grouped kernel (forward, dgrad) and the K-grouped kernel (wgrad) vs grouped.py's XLA
@@ -20,6 +21,16 @@
     dense kernel's best forward/dgrad config on H200); the better one should become the default.
     The K-grouped kernel's bf16 column is what gmm_block runs with bf16 weights; "wgrad f32" is its
     float32 output (f32 master weights), which at 256 experts is bound by writing dw.
+--configs=SPEC,SPEC,... (or "sweep": grouped_kernel.SWEEP_CONFIGS) replaces those two by candidate
+tile configs in kernel.Config.parse's compact spec, CTA_MxCTA_N[.m|n[.stages[.grid_tile_width
+[.lane|wg]]]] (e.g. 128x192.m.3.8.wg; omitted fields keep kernel.Config's defaults), each checked
+(grouped_kernel.check_config) before anything runs. Each candidate is checked for correctness on the
+"unaligned" shape (M, K and N padded; a 192-column tile straddles scale blocks; float32 output where
+its output tile fits shared memory, else bf16 against the reference rounded to bf16) and timed for
+forward, dgrad and wgrad on every timed shape, next to the bf16 kernels; the run ends with the best
+candidate per kernel and shape and over all timed shapes (least total time; candidates that failed a
+check or a shape excluded). The gmm_block check, "wgrad fp8 f32" and the fwd+bwd timings (library
+defaults, not the candidates) are skipped. Cost: ~9 compiles per candidate with two timed shapes.
 Every compile is guarded, so one failure does not stop the run; errors are listed at the end.
 Writes fp8_grouped.json under $OUT (or --out) after each section.
 """
@@ -64,11 +75,40 @@ def group_sizes(m: int, g: int, seed: int, empty: int | None = None):
     return sizes.astype(np.int32)
 
 
+def best_configs(res: dict, configs: dict, kernels, check_gemm: dict) -> dict:
+    """{kernel: {"per_shape": {shape: [spec, TFLOP/s]}, "overall": spec or None}} over the candidates
+    (column suffix -> config) whose checks of that kernel (res["checks"], `check_gemm[kernel]` names)
+    all passed; "overall" has the least total time over the timed shapes (res["tflops"]), among the
+    candidates timed on every one."""
+    out = {}
+    for k in kernels:
+        passed = [suffix for suffix in configs
+                  if all(err is not None and err < TOL for name, err in res["checks"].items()
+                         if name.startswith(f"{check_gemm[k]}{suffix} "))]
+        per_shape, total = {}, dict.fromkeys(passed, 0.0)
+        for sname, row in res["tflops"].items():
+            M, K, N, _ = row["shape"]
+            timed_here = {suffix: row[f"{k} fp8{suffix}"] for suffix in passed if row.get(f"{k} fp8{suffix}")}
+            if timed_here:
+                suffix = max(timed_here, key=timed_here.get)
+                per_shape[sname] = [suffix.strip(), timed_here[suffix]]
+            for suffix in list(total):
+                if suffix in timed_here:
+                    total[suffix] += 2.0 * M * K * N / timed_here[suffix]
+                else:
+                    del total[suffix]
+        out[k] = {"per_shape": per_shape, "overall": min(total, key=total.get).strip() if total else None}
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="small.py's shapes only, no fwd+bwd timing")
     parser.add_argument("--only", default="", help="time only the shapes whose names start with this (e.g. V3)")
+    parser.add_argument("--configs", default="",
+                        help="sweep: comma-separated tile configs CTA_MxCTA_N[.m|n[.stages[.grid_tile_width"
+                             "[.lane|wg]]]] (e.g. 128x192.m.3.8.wg), or 'sweep' for grouped_kernel.SWEEP_CONFIGS")
     parser.add_argument("--cpu-interpret", action="store_true",
                         help="dry run on CPU (jax >= 0.11): tiny shapes, the FP8 kernels in Pallas's Mosaic GPU "
                              "interpreter, xla_cpu references, no bf16 Pallas kernels; timings meaningless")
@@ -86,7 +126,22 @@ def main():
 
     ref_backend, shapes, checks, layer_shapes = "xla_gpu", SHAPES, CHECKS, LAYER_SHAPES
     bf16_kernels = True
-    configs = {"": GK.M_GROUPED, " wg": GK.Config(stages=3, grid_tile_width=8, semantics="warpgroup")}
+    sweep = bool(args.configs)
+    if sweep:  # column suffix -> config; the checks each runs
+        specs = GK.SWEEP_CONFIGS if args.configs == "sweep" else [v.strip() for v in args.configs.split(",")]
+        configs = {}
+        for spec in specs:
+            try:
+                cfg = GK.Config.parse(spec)
+                for sb_blocked in (True, False):
+                    GK.check_config(cfg, jnp.bfloat16, sb_blocked)
+            except ValueError as e:
+                parser.error(f"--configs {spec}: {e}")
+            configs[f" {cfg.spec}"] = cfg
+        config_checks = dict.fromkeys(configs, ("unaligned",))
+    else:
+        configs = {"": GK.M_GROUPED, " wg": GK.Config(stages=3, grid_tile_width=8, semantics="warpgroup")}
+        config_checks = {"": tuple(CHECKS), " wg": ("aligned",)}
     if args.cpu_interpret:
         from dsjax.fp8 import interpret
         interpret.use_interpreters()  # every FP8 kernel interpreted; the pallas_gpu check passes (dry run only)
@@ -94,17 +149,18 @@ def main():
         shapes = {"tiny up": (600, 256, 384, 4), "tiny down": (600, 384, 256, 4)}
         checks = {"aligned": (330, 256, 256, 4), "unaligned": (300, 200, 136, 3)}
         layer_shapes = ("tiny up",)
+    if args.quick or sweep:
+        layer_shapes = ()
     if args.quick:
         shapes = {k: v for k, v in shapes.items() if k.startswith("small")}
-        layer_shapes = ()
     if args.only:
         shapes = {k: v for k, v in shapes.items() if k.startswith(args.only)}
         layer_shapes = tuple(k for k in layer_shapes if k.startswith(args.only))
 
     dev = jax.devices()[0]
     res = {"device": dev.device_kind, "jax": jax.__version__, "dirichlet_alpha": DIRICHLET_ALPHA,
-           "kernel_configs": {k.strip() or "default": repr(v) for k, v in configs.items()}, "checks": {}, "tflops": {}, "layer_fwd_bwd_ms": {},
-           "errors": {}}
+           "kernel_configs": {k.strip() or "default": repr(v) for k, v in configs.items()}, "checks": {}, "tflops": {},
+           "layer_fwd_bwd_ms": {}, "errors": {}}
     print(f"{dev.device_kind}, jax {jax.__version__}, {getattr(dev, 'core_count', '?')} SMs")
     failed = []
     os.makedirs(args.out, exist_ok=True)
@@ -161,23 +217,28 @@ def main():
     # ---- (a) correctness ----------------------------------------------------------------------
     print(f"(a) correctness: relative Frobenius error vs grouped.py's {ref_backend} path (same quantized operands)")
     for cname, (M, K, N, G) in checks.items():
+        checked = {suffix: cfg for suffix, cfg in configs.items() if cname in config_checks[suffix]}
+        if not checked:
+            continue
         x, w, dy, gs = raw(M, K, N, G, seed=1, empty=1)
         print(f"  {cname} {M}x{K}x{N}, G={G}, group sizes {gs.tolist()}")
         fwd, dgrad, wgrad = quantized(x, w, dy, gs)
-        for suffix, cfg in configs.items():
-            if suffix and cname != "aligned":
-                continue
-            for gemm, args_ in (("forward", fwd), ("dgrad", dgrad)):
-                name = f"{gemm}{suffix} {cname}"
-                want = jax.jit(lambda *a: GR._m_grouped(*a, ref_backend, jnp.float32))(*args_, gs)
-                got = guarded(name, lambda: jax.jit(lambda *a: GK.m_grouped_matmul(
-                    *a, jnp.float32, cfg, sb_blocked=True))(*args_, gs))
-                record(name, None if got is None else rel(got, want))
-            name = f"wgrad{suffix} {cname}"
-            want = jax.jit(lambda *a: GR._k_grouped(*a, ref_backend, jnp.float32))(*wgrad, gs)
-            got = guarded(name, lambda: jax.jit(lambda *a: GK.k_grouped_matmul(*a, jnp.float32, cfg))(
-                *wgrad, *tile_args(gs)))
-            record(name, None if got is None else rel(got, want))
+        gemms = {"forward": (fwd, True), "dgrad": (dgrad, True), "wgrad": (wgrad, False)}
+        m_ref = jax.jit(lambda *a: GR._m_grouped(*a, ref_backend, jnp.float32))
+        want = {"forward": m_ref(*fwd, gs), "dgrad": m_ref(*dgrad, gs),
+                "wgrad": jax.jit(lambda *a: GR._k_grouped(*a, ref_backend, jnp.float32))(*wgrad, gs)}
+        for suffix, cfg in checked.items():
+            # float32 output where its tile fits shared memory, else bf16 vs the reference in bf16
+            out = jnp.float32 if cfg.smem_bytes(jnp.float32) <= GK.SMEM_LIMIT else jnp.bfloat16
+            for gemm, (args_, m_grouped) in gemms.items():
+                name = f"{gemm}{suffix} {cname}" + ("" if out == jnp.float32 else " (bf16 out)")
+                if m_grouped:
+                    fn = jax.jit(lambda *a: GK.m_grouped_matmul(*a, out, cfg, sb_blocked=True))
+                    got = guarded(name, lambda: fn(*args_, gs))
+                else:
+                    fn = jax.jit(lambda *a: GK.k_grouped_matmul(*a, out, cfg))
+                    got = guarded(name, lambda: fn(*args_, *tile_args(gs)))
+                record(name, None if got is None else rel(got, want[gemm].astype(out)))
 
     M, K, N, G = checks["aligned"]
     x, w, dy, gs = raw(M, K, N, G, seed=2, empty=0)
@@ -201,18 +262,30 @@ def main():
             if n_calls != 3:
                 failed.append("gmm_block mosaic_gpu calls")
 
-    if guarded("gmm_block", check_gmm_block) is None and "gmm_block" in res["errors"]:
+    if not sweep and guarded("gmm_block", check_gmm_block) is None and "gmm_block" in res["errors"]:
         failed.append("gmm_block")
     save()
 
     # ---- (b) speed ----------------------------------------------------------------------------
     print("(b) TFLOP/s (2MKN / median time; FP8 kernels on pre-quantized operands; bf16 out unless noted)")
-    cols = ("dense bf16", "fwd bf16", "fwd fp8", "fwd fp8 wg", "dgrad bf16", "dgrad fp8", "dgrad fp8 wg",
-            "wgrad bf16", "wgrad fp8", "wgrad fp8 wg", "wgrad fp8 f32")
+    kernels = ("fwd", "dgrad", "wgrad")
+    if sweep:  # the bf16 baselines in the shape's row, then one line per candidate
+        cols = ("dense bf16", "fwd bf16", "dgrad bf16", "wgrad bf16")
+    else:
+        cols = ("dense bf16", "fwd bf16", "fwd fp8", "fwd fp8 wg", "dgrad bf16", "dgrad fp8", "dgrad fp8 wg",
+                "wgrad bf16", "wgrad fp8", "wgrad fp8 wg", "wgrad fp8 f32")
     print(f"  {'shape':>14s} {'M x K x N / G':>22s} " + " ".join(f"{c:>13s}" for c in cols))
 
     def fmt(v, wd=13):
         return f"{v:{wd}.0f}" if v is not None else "-".rjust(wd)
+
+    def candidate_line(suffix, row):
+        """'  fwd 812 (1.41x) ...': a candidate's TFLOP/s per kernel and its ratio to the bf16 kernel."""
+        parts = []
+        for k in kernels:
+            v, b = row.get(f"{k} fp8{suffix}"), row.get(f"{k} bf16")
+            parts.append(f"{k} {fmt(v, 5)}" + (f" ({v / b:4.2f}x)" if v is not None and b else " " * 8))
+        return f"    {suffix.strip():>22s}  " + "  ".join(parts)
 
     for sname, (M, K, N, G) in shapes.items():
         row = {}
@@ -238,11 +311,24 @@ def main():
             bench(f"dgrad fp8{suffix}", m_grouped, *dgrad, gs)
             bench(f"wgrad fp8{suffix}", jax.jit(functools.partial(GK.k_grouped_matmul, out_dtype=jnp.bfloat16,
                                                                  config=cfg)), *wgrad, *tiles)
-        bench("wgrad fp8 f32", jax.jit(functools.partial(GK.k_grouped_matmul, out_dtype=jnp.float32)),
-              *wgrad, *tiles)
+        if not sweep:
+            bench("wgrad fp8 f32", jax.jit(functools.partial(GK.k_grouped_matmul, out_dtype=jnp.float32)),
+                  *wgrad, *tiles)
         res["tflops"][sname] = {"shape": [M, K, N, G], **row}
         save()
         print(f"  {sname:>14s} {f'{M}x{K}x{N} / {G}':>22s} " + " ".join(fmt(row.get(c)) for c in cols))
+        if sweep:
+            for suffix in configs:
+                print(candidate_line(suffix, row))
+
+    if sweep:
+        res["best"] = best_configs(res, configs, kernels, {"fwd": "forward", "dgrad": "dgrad", "wgrad": "wgrad"})
+        print("best candidate per kernel (TFLOP/s; overall: least total time over the timed shapes, "
+              "candidates that passed their checks)")
+        for k, best in res["best"].items():
+            per_shape = " | ".join(f"{sname} {spec} {v:.0f}" for sname, (spec, v) in best["per_shape"].items())
+            print(f"  {k:>5s}: {per_shape} | overall {best['overall']}")
+        save()
 
     # fwd + both grads, quantization included, bf16 x and w (dx, dw in bf16).
     for sname in layer_shapes:

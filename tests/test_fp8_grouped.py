@@ -6,8 +6,11 @@
 - the same vs the float32 unquantized grouped product: within FP8 error;
 - rows past sum(group_sizes) are zero, and so are their dx;
 - where JAX ships Pallas's Mosaic GPU interpreter (jax >= 0.11): the M-grouped (forward, dgrad) and
-  K-grouped (wgrad) kernels vs the reference path on the same quantized operands, and both kernels
-  lower for CUDA (sm_90) on CPU.
+  K-grouped (wgrad) kernels vs the reference path on the same quantized operands, in the default
+  tiling and in wider ones (64 x 192, 64 x 256 as two WGMMAs, 128 x 96 warpgroups, ...), and both
+  kernels lower for CUDA (sm_90) on CPU in the default tiling and every grouped_kernel.SWEEP_CONFIGS
+  candidate;
+- kernel.Config's register estimate and compact spec.
 """
 
 import sys
@@ -155,48 +158,131 @@ def _quantized(K, N, sizes, M, seed=0):
 # (128, 256, ...) is aligned; (200, 136, ...) pads K and N, 465 pads M; a group of 300 rows spans
 # three tiles, one of 5 sits inside a tile shared with two neighbours.
 KERNEL_CASES = [(256, 256, (100, 0, 5, 200, 15), 330), (200, 136, (300, 0, 5, 160), 465)]
+# Wider tilings than the default's two 64 x 128 warpgroups (kernel.Config fields): two 64 x 192
+# (sb in three 64-column chunks; wgrad's column scales 32 at a time after the WGMMA), two 128 x 96
+# side by side (32-column chunks; the second warpgroup starts 96 columns into a scale block) and
+# 64 x 256 (two 64 x 128 WGMMAs and partials per step). (64 x 160 and 176 columns ran here in the
+# interpreter; 160 crashed the GPU, so check_config refuses cta_n % 64 != 0.)
+WIDE_TILES = {
+    "128x192m": dict(cta_n=192),
+    "128x192n": dict(cta_n=192, wg_dim="n", stages=3),
+    "128x256m": dict(cta_n=256, stages=3),
+}
+# N = 384: the second 192-column tile starts 64 columns into a scale block (so does dgrad's, N = 256).
+WIDE_CASE = (256, 384, (100, 0, 5, 200, 15), 330)
+TILED_CASES = ([pytest.param(*case, {}, id="-".join(map(str, case[:2]))) for case in KERNEL_CASES]
+               + [pytest.param(*WIDE_CASE, tiles, id=name) for name, tiles in WIDE_TILES.items()])
+
+
+def _config(tiles, monkeypatch):
+    """kernel.Config(**tiles), or None (the default) for no fields. The interpreter has no shared
+    memory limit, so the kernels may write float32 where its output tile would not fit on the GPU
+    (128 x 256): the comparison stays at KERNEL_RTOL (test_kernels_lower_for_cuda checks the budget
+    with bf16 outputs)."""
+    from dsjax.fp8 import grouped_kernel
+
+    if not tiles:
+        return None
+    monkeypatch.setattr(grouped_kernel, "SMEM_LIMIT", float("inf"))
+    return grouped_kernel.Config(**tiles)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("K,N,sizes,M", KERNEL_CASES)
-def test_m_grouped_kernel_matches_reference_in_interpreter(K, N, sizes, M):
+@pytest.mark.parametrize("K,N,sizes,M,tiles", TILED_CASES)
+def test_m_grouped_kernel_matches_reference_in_interpreter(K, N, sizes, M, tiles, monkeypatch):
     from dsjax.fp8 import grouped_kernel
 
+    config = _config(tiles, monkeypatch)
     interpret = interpreter_params()()
     for args in _quantized(K, N, sizes, M)[:2]:
         want = grouped._m_grouped(*args, "xla_cpu", jnp.float32)
-        got = grouped_kernel.m_grouped_matmul(*args, jnp.float32, sb_blocked=True, interpret=interpret,
+        got = grouped_kernel.m_grouped_matmul(*args, jnp.float32, config, sb_blocked=True, interpret=interpret,
                                               num_ctas=2)
         assert _rel(got, want) < KERNEL_RTOL, _rel(got, want)
         assert not np.asarray(got[sum(sizes):]).any()
 
 
 @needs_interpreter
-@pytest.mark.parametrize("K,N,sizes,M", KERNEL_CASES[1:])
-def test_k_grouped_kernel_matches_reference_in_interpreter(K, N, sizes, M):
+@pytest.mark.parametrize("K,N,sizes,M,tiles", TILED_CASES[1:])
+def test_k_grouped_kernel_matches_reference_in_interpreter(K, N, sizes, M, tiles, monkeypatch):
     from dsjax.fp8 import grouped_kernel
 
+    config = _config(tiles, monkeypatch)
     qa, sa, qb, sb, gs = _quantized(K, N, sizes, M)[2]
     want = grouped._k_grouped(qa, sa, qb, sb, gs, "xla_cpu", jnp.float32)
-    _, tile_start, tiles = grouped.group_tiles(gs, 0)
-    got = grouped_kernel.k_grouped_matmul(qa, sa, qb, sb, tile_start, tiles, jnp.float32,
+    _, tile_start, tiles_G = grouped.group_tiles(gs, 0)
+    got = grouped_kernel.k_grouped_matmul(qa, sa, qb, sb, tile_start, tiles_G, jnp.float32, config,
                                           interpret=interpreter_params()(), num_ctas=2)
     assert got.shape == (len(sizes), K, N)
     assert _rel(got, want) < KERNEL_RTOL, _rel(got, want)
 
 
-@needs_interpreter
-def test_kernels_lower_for_cuda():
-    """Pallas -> Mosaic GPU lowering for sm_90 on CPU (no PTX): tiling, transforms, smem budget."""
+def _lower_for_cuda(config, k_dtype):
+    """Pallas -> Mosaic GPU lowering for sm_90 on CPU (no PTX) of both kernels: tiling, transforms,
+    layouts, smem budget (M-grouped with bf16 output)."""
     from dsjax.fp8 import grouped_kernel
 
     fwd, _, wgrad = _quantized(640, 256, (100, 0, 5, 200, 15), 330)  # 5 K-steps: all 4 stages allocated
     _, tile_start, tiles = grouped.group_tiles(wgrad[-1], 0)
-    m_fn = jax.jit(lambda *a: grouped_kernel.m_grouped_matmul(*a, jnp.bfloat16, sb_blocked=True, num_ctas=132))
-    k_fn = jax.jit(lambda *a: grouped_kernel.k_grouped_matmul(*a, jnp.float32, num_ctas=132))
+    m_fn = jax.jit(lambda *a: grouped_kernel.m_grouped_matmul(*a, jnp.bfloat16, config, sb_blocked=True,
+                                                              num_ctas=132))
+    k_fn = jax.jit(lambda *a: grouped_kernel.k_grouped_matmul(*a, k_dtype, config, num_ctas=132))
     for fn, args in ((m_fn, fwd), (k_fn, (*wgrad[:4], tile_start, tiles))):
         text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text
+
+
+@needs_interpreter
+def test_kernels_lower_for_cuda():
+    """The default tiling, with the outputs gmm_block asks for (wgrad f32: float32 master weights)."""
+    _lower_for_cuda(None, jnp.float32)
+
+
+@needs_interpreter
+def test_sweep_configs_lower_for_cuda():
+    """Every grouped_kernel.SWEEP_CONFIGS candidate, with the bf16 outputs check_fp8_grouped.py times."""
+    from dsjax.fp8 import grouped_kernel
+
+    for spec in grouped_kernel.SWEEP_CONFIGS:
+        _lower_for_cuda(grouped_kernel.Config.parse(spec), jnp.bfloat16)
+
+
+def test_config_registers_and_spec():
+    """kernel.Config's register estimate against setmaxnreg's 232 per compute thread, what it admits
+    in the grouped kernels, and the compact spec of scripts/check_fp8_grouped.py --configs."""
+    from dsjax.fp8 import grouped_kernel
+    from dsjax.fp8.kernel import Config
+
+    assert Config().compute_registers == 232 and Config().registers() == 128 + 32
+    Config(cta_n=192).check()  # two 64 x 192 warpgroups: 96 + 96 + 32
+    Config(cta_n=192, wg_dim="n").check()  # two 128 x 96
+    with pytest.raises(ValueError, match=r"64 x 256 \(cta_m=128, cta_n=256 split along wg_dim='m'"):
+        Config(cta_n=256, stages=3).check()  # the dense kernel WGMMAs a warpgroup's tile at once
+    grouped_kernel.check_config(Config(cta_n=256, stages=3), jnp.bfloat16, sb_blocked=True)  # in halves
+    grouped_kernel.check_config(Config(cta_n=256, stages=3), jnp.bfloat16, sb_blocked=False)
+    with pytest.raises(ValueError, match="shared memory"):
+        grouped_kernel.check_config(Config(cta_n=256, stages=3), jnp.float32, sb_blocked=False)
+    # 64 x 200: one WGMMA and one sb scalar per block fit (232); wgrad's column scales do not, and
+    # 200 does not halve into WGMMA widths
+    wide = Config(cta_n=200, stages=3, semantics="warpgroup")
+    wide.check(0, 200)
+    with pytest.raises(ValueError, match="8 column scales"):
+        wide.check(8, 200)  # what check_config asks with per-column sb (8 at a time)
+    with pytest.raises(ValueError, match="cta_n % 64 == 0"):
+        grouped_kernel.check_config(Config(cta_n=160, semantics="warpgroup"), jnp.bfloat16, sb_blocked=True)
+    with pytest.raises(ValueError, match="cta_n % 32 == 0"):
+        Config(cta_n=176).check()  # Lane semantics: 704-byte scale copies
+    Config(cta_n=176, semantics="warpgroup").check()
+
+    cfg = Config.parse("128x192.m.3.8.wg")
+    assert cfg == Config(cta_n=192, stages=3, grid_tile_width=8, semantics="warpgroup")
+    assert Config.parse(cfg.spec) == cfg and Config.parse("128x160") == Config(cta_n=160)
+    for bad in ("128", "128x192.m.3.8.tc", "128x192.m.3.8.wg.1"):
+        with pytest.raises(ValueError, match="is not CTA_MxCTA_N"):
+            Config.parse(bad)
+    for spec in grouped_kernel.SWEEP_CONFIGS:
+        for sb_blocked in (True, False):
+            grouped_kernel.check_config(Config.parse(spec), jnp.bfloat16, sb_blocked)
 
 
 @needs_interpreter

@@ -23,7 +23,7 @@ first row in the block, rows) per tile is computed by XLA before the call
 sizes as GroupInfo does; tiles with no rows (empty groups, the tail past sum(group_sizes)) skip
 their K loop. Rows past the groups are never written and are zeroed by the wrapper (a select,
 NaN-safe). sb is per column [G, J, N] and constant over 128-column blocks (sb_blocked: one scalar
-per warpgroup and step).
+per step and chunk of columns, below).
 
 K-grouped: one output tile [cta_m of K, cta_n of N] per group and tile position; its pipeline runs
 over the group's tiles only (a dynamic grid starting at tile_start[g]; an empty group runs no step
@@ -31,14 +31,27 @@ and stores zeros). No tile crosses a group, so nothing is masked; sa and sb are 
 sides. Operands are tokens-contiguous ([K, P], [N, P]) because FP8 WGMMA takes K-major operands
 only; grouped.py quantizes them straight into that layout.
 
+Tiles: any Config that `check_config` admits (kernel.py's register estimate, cta_m, cta_n % 32 == 0
+with Lane semantics, the stages that fit SMEM_LIMIT beside the output tile), e.g. 128 x 192 as two
+64 x 192 warpgroups. A warpgroup whose accumulator and a full-width partial do not fit the
+registers WGMMAs its tile as two column halves per step, each into a fresh partial promoted before
+the next is issued (`_partial_n`: 128 x 256 as two 64 x 256 warpgroups, 2 x 64 x 128 each). A
+partial is promoted in column chunks (`_col_chunk`): with sb_blocked one sb scalar per
+gcd(128, partial width) columns (past 128 columns, or from a 96-column offset, a warpgroup's columns
+span two scale blocks; no chunk does); with per-column sb (wgrad) the partial's whole column-scale
+vector while its WGMMA runs where that fits the registers, else 32 columns' at a time after it.
+On one H200 (2026-11-29, scripts/check_fp8_grouped.py --configs=sweep) 128 x 192 and 128 x 256 match
+the reference but run slower than 128 x 128 on small.py's up GEMM (BENCHMARKS.md), so the defaults stay.
+
 Shapes: K (forward) is zero-padded to whole 128-chunks, M to cta_m and N (and wgrad's K) to the
 tile; outputs are sliced back. `*_unfit_reason` says what a kernel cannot take; grouped.py then
 falls back to its XLA path with one warning per shape. group_sizes must sum to at most M.
 
 GPU-only: imports Pallas Mosaic GPU at the top; grouped.py imports it lazily for "pallas_gpu".
 Checked on CPU with jax 0.11.2 in Pallas's Mosaic GPU interpreter against grouped.py's reference,
-and lowered for "cuda" (tests/test_fp8_grouped.py, scripts/check_fp8_grouped.py --cpu-interpret);
-and on one H200 (2026-11-29, scripts/check_fp8_grouped.py): forward, dgrad and wgrad match the
+in the default and wider tilings, and lowered for "cuda" (the default and SWEEP_CONFIGS;
+tests/test_fp8_grouped.py, scripts/check_fp8_grouped.py --cpu-interpret); on one H200 (2026-11-29,
+scripts/check_fp8_grouped.py), in the default tiling: forward, dgrad and wgrad match the
 reference to 1.1-1.9e-4 relative; 537-792 TFLOP/s on small.py's and V3's expert shapes
 (BENCHMARKS.md, FP8).
 """
@@ -46,6 +59,7 @@ reference to 1.1-1.9e-4 relative; 537-792 TFLOP/s on small.py's and V3's expert 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,16 +67,59 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from dsjax.fp8.kernel import (BLOCK_K, FP8, SMEM_LIMIT, Config, _fp8_transforms, _pad_to, num_sms,
-                              swizzle_transforms)
+from dsjax.fp8.kernel import (BLOCK_K, FP8, MEMORY_REGISTERS, SMEM_LIMIT, Config, _fp8_transforms, _pad_to,
+                              num_sms, swizzle_transforms)
 from dsjax.group_tiles import m_tile_schedule
 
 # kernel.py's default: 128 x 128 CTA tile, two 64 x 128 math warpgroups along M, 4 stages.
 M_GROUPED = K_GROUPED = Config()
+_LATE_COL_CHUNK = 32  # per-column sb loaded after the WGMMA: at most this many columns at a time
+# Candidate tilings for the GPU sweep, as Config.parse specs (scripts/check_fp8_grouped.py
+# --configs=sweep; tests/test_fp8_grouped.py lowers each for CUDA): the default and the dense
+# kernel's best (kernel.BLOCKED) as the run's baselines, then wider CTA tiles, which load fewer
+# bytes per FLOP (2 cta_m cta_n / (cta_m + cta_n): 128 at 128 x 128, 142 / 148 / 154 / 171 at
+# 160 / 176 / 192 / 256 columns): 128 x 192 (two 64 x 192 warpgroups, 4 stages fit beside a bf16
+# output tile), 128 x 256 (each warpgroup two 64 x 128 WGMMAs per step; 3 stages). 128 x 160
+# (DeepGEMM's widest N) crashed on the GPU (check_config), so 128 x 176 (1408 = 8 x 176) was not tried.
+SWEEP_CONFIGS = ("128x128.m.4.4.lane", "128x128.m.3.8.wg", "128x192.m.4.8.wg", "128x256.m.3.8.wg")
 
 
-def _check(cfg: Config, out_dtype):
-    cfg.check()
+def _partial_n(cfg: Config, sb_blocked: bool) -> int:
+    """Columns per WGMMA (and fresh partial): wg_n, or half of it where the accumulator and a
+    full-width partial (with per-column sb, and 32 columns' scales) do not fit the registers
+    (64 x 256: two 64 x 128 partials, 224 registers)."""
+    def fits(partial_n):
+        scale_columns = 0 if sb_blocked else math.gcd(_LATE_COL_CHUNK, partial_n)
+        return cfg.registers(scale_columns, partial_n) <= cfg.compute_registers
+
+    return cfg.wg_n // 2 if cfg.wg_n % 16 == 0 and not fits(cfg.wg_n) else cfg.wg_n
+
+
+def _col_chunk(cfg: Config, sb_blocked: bool) -> int:
+    """Columns promoted per sb read, within a partial of `_partial_n` columns. sb_blocked:
+    gcd(128, partial_n), one sb scalar each: a partial's first column is a multiple of partial_n
+    (CTA tiles start at multiples of cta_n, warpgroups and partials at multiples of their width,
+    each dividing the one before), so no chunk straddles a 128-column scale block. Per-column sb:
+    the partial's whole column-scale vector, loaded while the WGMMA runs, where it fits the
+    registers beside the accumulators (64 x 128: 32 more), else gcd(32, partial_n) columns at a
+    time (at most 8 registers), loaded after the WGMMA."""
+    partial_n = _partial_n(cfg, sb_blocked)
+    if sb_blocked:
+        return math.gcd(BLOCK_K, partial_n)
+    if cfg.registers(partial_n, partial_n) <= cfg.compute_registers:
+        return partial_n
+    return math.gcd(_LATE_COL_CHUNK, partial_n)
+
+
+def check_config(cfg: Config, out_dtype, sb_blocked: bool):
+    """Raises ValueError if the kernels cannot run `cfg` with this output dtype (shared memory) and
+    sb (registers: per-column sb, as wgrad's, counts its column scales)."""
+    cfg.check(0 if sb_blocked else _col_chunk(cfg, sb_blocked), _partial_n(cfg, sb_blocked))
+    if cfg.cta_n % 64:
+        # 128 x 160 (Warpgroup semantics) stopped an H200 with CUDA_ERROR_MISALIGNED_ADDRESS in its
+        # first forward (2026-11-29, scripts/check_fp8_grouped.py --configs=sweep); the interpreter
+        # accepts it. 128, 192 and 256 columns ran and matched the reference.
+        raise ValueError(f"{cfg}: the grouped kernels need cta_n % 64 == 0 on the GPU (cta_n={cfg.cta_n})")
     if cfg.wg_m & (cfg.wg_m - 1):
         raise ValueError(f"{cfg}: the grouped store ladder needs a power-of-two warpgroup height")
     if (smem := cfg.smem_bytes(out_dtype)) > SMEM_LIMIT:
@@ -77,7 +134,7 @@ def _pipeline(cfg: Config, num_steps, step, compute_context, first=0):
     return plgpu.emit_pipeline_warp_specialized(
         step,
         grid=(num_steps,),
-        memory_registers=40,
+        memory_registers=MEMORY_REGISTERS,
         in_specs=[
             plgpu.BlockSpec((cfg.cta_m, BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
             plgpu.BlockSpec((cfg.cta_n, BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
@@ -93,31 +150,57 @@ def _pipeline(cfg: Config, num_steps, step, compute_context, first=0):
 
 def _promote_step(cfg: Config, wg_idx, sb_blocked: bool):
     """One pipeline step of a compute warpgroup: WGMMA its slice of the chunk into a fresh
-    accumulator and promote it into the float32 carry, scaled by sa[rows] and sb[cols]."""
+    accumulator and promote it into the float32 carry, scaled by sa[rows] and sb[cols]: per partial
+    of `_partial_n` columns (one WGMMA each, promoted before the next is issued) and within it per
+    chunk of `_col_chunk` columns (one partial of one chunk for 64 x 128 warpgroups)."""
     split_m = cfg.wg_dim == "m"
     wg_m, wg_n = cfg.wg_m, cfg.wg_n
     wg_rows = pl.ds(wg_idx * wg_m, wg_m) if split_m else pl.ds(0, wg_m)
     wg_cols = pl.ds(0, wg_n) if split_m else pl.ds(wg_idx * wg_n, wg_n)
+    partial_n, chunk = _partial_n(cfg, sb_blocked), _col_chunk(cfg, sb_blocked)
+    early = sb_blocked or chunk == partial_n  # all of a partial's sb loads while its WGMMA runs
+
+    def bcast(v, dim):
+        return lax.broadcast_in_dim(v, (wg_m, chunk), [dim])
+
+    def cols(x, start):  # `chunk` columns of a register array
+        return lax.slice(x, (0, start), (wg_m, start + chunk)) if chunk < x.shape[1] else x
 
     def step(_, a_smem, b_smem, sa_smem, sb_smem, acc):
         a_wg = a_smem.at[wg_rows] if split_m else a_smem
         b_wg = b_smem if split_m else b_smem.at[wg_cols]
 
-        def chunk_product(partial_ref):
-            plgpu.wgmma(partial_ref, a_wg, b_wg.transpose((1, 0)))
-            # The scales load while the WGMMA runs; reading the accumulator then waits for it.
-            sa = plgpu.load(sa_smem.at[0, wg_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+        def load_sb(start):  # one scalar (sb_blocked) or `chunk` columns' scales from column `start`
             if sb_blocked:
-                scales = (sa * sb_smem[0, wg_cols.start], None)
-            else:
-                scales = (sa, plgpu.load(sb_smem.at[0, wg_cols], layout=plgpu.Layout.WGMMA.reduce(0)))
-            return partial_ref[...], scales
+                return sb_smem[0, wg_cols.start + start]
+            return plgpu.load(sb_smem.at[0, pl.ds(wg_cols.start + start, chunk)],
+                              layout=plgpu.Layout.WGMMA.reduce(0))
 
-        partial, (row_scale, col_scale) = pl.run_scoped(chunk_product, plgpu.ACC((wg_m, wg_n), jnp.float32))
-        partial = partial * lax.broadcast_in_dim(row_scale, (wg_m, wg_n), [0])
-        if col_scale is not None:
-            partial = partial * lax.broadcast_in_dim(col_scale, (wg_m, wg_n), [1])
-        return acc + partial
+        def partial_product(partial_ref, first, sa):
+            b_part = b_wg if partial_n == wg_n else b_wg.at[pl.ds(first, partial_n)]
+            plgpu.wgmma(partial_ref, a_wg, b_part.transpose((1, 0)))
+            # The scales load while the WGMMA runs; reading the accumulator then waits for it.
+            if sa is None:
+                sa = plgpu.load(sa_smem.at[0, wg_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+            chunk_starts = range(first, first + partial_n, chunk)
+            if sb_blocked:  # sa * sb per chunk: one FMA per element below (DeepGEMM's promotion)
+                scales = [sa * load_sb(c) for c in chunk_starts]
+            else:
+                scales = [load_sb(c) for c in chunk_starts] if early else None
+            return partial_ref[...], sa, scales
+
+        sa, sums = None, []  # sums: acc + scaled partial, chunk by chunk
+        for first in range(0, wg_n, partial_n):
+            partial, sa, scales = pl.run_scoped(functools.partial(partial_product, first=first, sa=sa),
+                                                plgpu.ACC((wg_m, partial_n), jnp.float32))
+            for i, c in enumerate(range(0, partial_n, chunk)):
+                if sb_blocked:
+                    scaled = cols(partial, c) * bcast(scales[i], 0)
+                else:  # wgrad: per-column sb, a multiply more
+                    sb = scales[i] if early else load_sb(first + c)
+                    scaled = cols(partial, c) * bcast(sa, 0) * bcast(sb, 1)
+                sums.append(cols(acc, first + c) + scaled)
+        return lax.concatenate(sums, 1) if len(sums) > 1 else sums[0]
 
     return step
 
@@ -237,7 +320,7 @@ def m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype=jnp.
     the groups, or never reads those rows: they are then garbage). `interpret` and `num_ctas` as in kernel.block_scaled_matmul (testing).
     """
     cfg = config or M_GROUPED
-    _check(cfg, out_dtype)
+    check_config(cfg, out_dtype, sb_blocked)
     if (reason := m_grouped_unfit_reason(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G)) is not None:
         raise ValueError(f"m_grouped_matmul cannot take these operands: {reason}")
     m, n = qa_MK.shape[0], qb_GNK.shape[1]
@@ -246,7 +329,6 @@ def m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype=jnp.
     b = _pad_to(_pad_to(qb_GNK, 2, BLOCK_K), 1, cfg.cta_n)
     sa_JM = _pad_to(sa_MJ.astype(jnp.float32).T, 1, cfg.cta_m)
     sb = _pad_to(sb_GJN.astype(jnp.float32), 2, cfg.cta_n)
-    sb_blocked = sb_blocked and BLOCK_K % cfg.wg_n == 0
     sched = m_tile_schedule(group_sizes_G, a.shape[0], cfg.cta_m)
     y = _m_grouped_call(sched, a, b, sa_JM, sb, jnp.dtype(out_dtype), cfg, sb_blocked, interpret, num_ctas)
     y = y[:m, :n]
@@ -334,7 +416,7 @@ def k_grouped_matmul(qa_KP, sa_KT, qb_NP, sb_NT, tile_start_G, tiles_G, out_dtyp
     (grouped.quantize_wgrad's layout), tile_start and tiles [G] int.
     """
     cfg = config or K_GROUPED
-    _check(cfg, out_dtype)
+    check_config(cfg, out_dtype, sb_blocked=False)
     if (reason := k_grouped_unfit_reason(qa_KP, sa_KT, qb_NP, sb_NT, tiles_G)) is not None:
         raise ValueError(f"k_grouped_matmul cannot take these operands: {reason}")
     k, n = qa_KP.shape[0], qb_NP.shape[0]

@@ -24,7 +24,10 @@ matrix tiles and loaded with WGMMA row/column layouts, fresh plgpu.ACC per step,
   WGMMA keeps the tensor cores busy (DeepGEMM's scheme);
 - each compute warpgroup stores its slice through shared memory with one TMA store per tile.
 Per warpgroup the f32 accumulator and the partial hold 2 * wg_m * wg_n / 128 registers per
-thread, so wg_m * wg_n is capped at 64 * 128 (DeepGEMM uses 64-row math warpgroups too).
+thread; `Config.check` admits a tile only if they, REGISTER_HEADROOM and any per-column scales fit
+what setmaxnreg gives a compute thread beside the 40-register memory warpgroup (232 with two compute
+warpgroups): up to 64 x 192 (or 128 x 96) per warpgroup here (grouped_kernel.py, which can WGMMA a
+tile in two column halves, goes to 64 x 256); DeepGEMM's math warpgroups are 64 x N, N <= 160.
 
 Shapes: M and K are zero-padded to the tile (K to whole 128-chunks; zeros add nothing) and N to
 cta_n, and the result sliced back. Anything the kernel cannot take (not 2-D, not e4m3, scale shapes
@@ -56,7 +59,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BLOCK_K = 128  # DeepSeek's promotion interval and scale-block edge; one pipeline step
 FP8 = jnp.float8_e4m3fn
-_MAX_WG_ELEMS = 64 * 128  # per-warpgroup tile cap: accumulator + partial fit the register file
+# Registers per thread: the memory warpgroup's setmaxnreg (the kernels' memory_registers), and what a
+# compute thread holds besides the accumulator, the partial and per-column scales (row scales, sb
+# scalars, shared-memory addresses, WGMMA descriptors, loop, barrier and tile state). The headroom is
+# an estimate, less than DeepGEMM leaves (its largest math tiles use 160-190 of 232: 64 x 160
+# forward; 64 x 152 wgrad with 38 column-scale registers), so 64 x 192 (224) is the tight case; the
+# measurement is ptxas's spill count on the GPU (jaxlib's MOSAIC_GPU_DUMP_PTXAS=1, untried here).
+MEMORY_REGISTERS = 40
+REGISTER_HEADROOM = 32
 SMEM_LIMIT = 232_448  # bytes of shared memory one CTA may use on H100/H200 (Mosaic GPU checks it too)
 SMEM_SLACK = 1024  # barriers
 
@@ -81,7 +91,58 @@ class Config:
     def wg_n(self) -> int:
         return self.cta_n // self.num_compute_wgs if self.wg_dim == "n" else self.cta_n
 
-    def check(self):
+    _SEMANTICS_SPEC = {"lane": "lane", "wg": "warpgroup"}
+
+    @classmethod
+    def parse(cls, spec: str) -> Config:
+        """A config from its compact spec `CTA_MxCTA_N[.wg_dim[.stages[.grid_tile_width[.lane|wg]]]]`,
+        e.g. "128x192.m.3.8.wg"; fields left out keep their defaults. Not checked: call `check`."""
+        fields = spec.split(".")
+        try:
+            cta_m, cta_n = (int(v) for v in fields[0].split("x"))
+            kwargs = dict(cta_m=cta_m, cta_n=cta_n)
+            if len(fields) > 1:
+                kwargs["wg_dim"] = fields[1]
+            if len(fields) > 2:
+                kwargs["stages"] = int(fields[2])
+            if len(fields) > 3:
+                kwargs["grid_tile_width"] = int(fields[3])
+            if len(fields) > 4:
+                kwargs["semantics"] = cls._SEMANTICS_SPEC[fields[4]]
+            if len(fields) > 5:
+                raise ValueError("too many fields")
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"config spec {spec!r} is not CTA_MxCTA_N[.m|n[.stages[.grid_tile_width"
+                             f"[.lane|wg]]]] ({e})") from None
+        return cls(**kwargs)
+
+    @property
+    def spec(self) -> str:
+        """The compact spec `parse` reads (num_compute_wgs is not part of it)."""
+        semantics = {v: k for k, v in self._SEMANTICS_SPEC.items()}[self.semantics]
+        return f"{self.cta_m}x{self.cta_n}.{self.wg_dim}.{self.stages}.{self.grid_tile_width}.{semantics}"
+
+    @property
+    def compute_registers(self) -> int:
+        """Registers per thread a compute warpgroup gets: emit_pipeline_warp_specialized's setmaxnreg
+        (Pallas's pipeline._compute_registers): 65536 per SM = 512 per thread of one warpgroup, less
+        the memory warpgroup's MEMORY_REGISTERS, split between the compute warpgroups, at most 256,
+        rounded down to 8 (232 for two)."""
+        return int(min(256, (512 - MEMORY_REGISTERS) / self.num_compute_wgs) // 8 * 8)
+
+    def registers(self, scale_columns: int = 0, partial_columns: int | None = None) -> int:
+        """Estimated registers per compute thread in the K loop: the float32 accumulator (a thread
+        holds wg_m * wg_n / 128 of it), the fresh partial of `partial_columns` (default wg_n) columns
+        the WGMMA writes (grouped_kernel.py may issue a warpgroup's tile as column slices),
+        `scale_columns` per-column scales live at once (WGMMA's column layout gives a thread 2 of every
+        8 columns: one register per 4) and REGISTER_HEADROOM."""
+        partial_columns = self.wg_n if partial_columns is None else partial_columns
+        return (self.wg_m * (self.wg_n + partial_columns) // 128 + scale_columns // 4
+                + REGISTER_HEADROOM)
+
+    def check(self, scale_columns: int = 0, partial_columns: int | None = None):
+        """Raises ValueError if the kernels cannot take this tiling; `scale_columns` and
+        `partial_columns` as in `registers` (0 scale columns: sb is one scalar per 128-column block)."""
         if self.wg_dim not in ("m", "n"):
             raise ValueError(f"wg_dim {self.wg_dim!r} is not 'm' or 'n'")
         if self.semantics not in ("lane", "warpgroup"):
@@ -92,9 +153,18 @@ class Config:
         if self.wg_m % 64 or self.wg_n % 8 or self.wg_n > 256:
             raise ValueError(f"{self}: a warpgroup's WGMMA needs wg_m % 64 == 0, wg_n % 8 == 0, "
                              f"wg_n <= 256 (got {self.wg_m} x {self.wg_n})")
-        if self.wg_m * self.wg_n > _MAX_WG_ELEMS:
-            raise ValueError(f"{self}: a warpgroup tile of {self.wg_m} x {self.wg_n} needs more than "
-                             f"the register file (at most {_MAX_WG_ELEMS} elements)")
+        if self.semantics == "lane" and (self.cta_m % 32 or self.cta_n % 32):
+            raise ValueError(f"{self}: with Lane semantics a TMA copy moves a multiple of 128 bytes, so the "
+                             f"f32 scale vectors need cta_m % 32 == 0 and cta_n % 32 == 0")
+        if (regs := self.registers(scale_columns, partial_columns)) > self.compute_registers:
+            partial_columns = self.wg_n if partial_columns is None else partial_columns
+            raise ValueError(
+                f"{self}: a warpgroup tile of wg_m x wg_n = {self.wg_m} x {self.wg_n} (cta_m={self.cta_m}, "
+                f"cta_n={self.cta_n} split along wg_dim={self.wg_dim!r} between num_compute_wgs="
+                f"{self.num_compute_wgs}) needs ~{regs} registers per thread (accumulator "
+                f"{self.wg_m * self.wg_n // 128}, partial of {partial_columns} columns "
+                f"{self.wg_m * partial_columns // 128}, {scale_columns // 4} for {scale_columns} column "
+                f"scales, {REGISTER_HEADROOM} headroom) > the {self.compute_registers} a compute warpgroup gets")
 
     def smem_bytes(self, out_dtype) -> int:
         """Shared memory: the pipeline stages (fp8 tiles and f32 scale vectors) + the output tile."""
