@@ -11,7 +11,8 @@ configs/small.py step (BENCHMARKS.md, FP8). Made here, before the scan, in one c
 enter the scan as a scanned input, which jax's scan hands to the backward as it is (its partial
 evaluation forwards residuals that are slices of xs instead of stacking them): no zero fill, no
 copy, and each weight is quantized once per step as before. On one H200 (2026-11-29,
-BENCHMARKS.md) this took the configs/small.py fp8=block step from 231.2 to 223.8-224.2 ms.
+BENCHMARKS.md) the configs/small.py fp8=block step went from 231.2-231.9 ms (sixth session) to
+223.8-224.2 ms (seventh).
 
 They are quantized from the weights as given (float32 masters in training), rounded to the compute
 dtype first (`round_to`, in registers in the Pallas kernel): the blocks are bit-identical to those
@@ -22,9 +23,10 @@ The tree mirrors `params`: for every MoE module (a dict holding the expert array
 {"gate_up": WeightBlocks, "down": WeightBlocks} at the same path, stacked [L, E, ...] under a layer
 stack as its weights are. Under an expert-parallel mesh (`expert_parallel.mesh_for`) the
 quantization runs in a shard_map with the weights' specs, so each device quantizes its own experts
-(and F slice) as the layer would — XLA cannot partition a Pallas kernel. Made only where the layer
-uses them: fp8 "block", dropless dispatch, a per-device expert width that is a multiple of 128
-(gate and up then run as one GEMM). They get no gradient: the GEMMs' custom VJP differentiates the
+(and F slice) as the layer would — XLA cannot partition a Pallas kernel; so call it where the model
+runs, under the same mesh (compute_variables always is: inside the jitted step or generation, next
+to the apply). Made only where the layer uses them: fp8 "block", dropless dispatch, a per-device
+expert width that is a multiple of 128 (gate and up then run as one GEMM). They get no gradient: the GEMMs' custom VJP differentiates the
 weights themselves (gmm_block's `blocks`).
 """
 
