@@ -13,7 +13,8 @@ x * fl(1/scale), the kernel too, but XLA:GPU may fuse differently), and prints m
 Then the same for the weights' kernel (128x128 blocks, w and w^T from one read) on small.py's
 stacked expert weights (gate+up also as two inputs, as the experts pass them) and a dense kernel,
 against quantize_blocks of w (concatenated) and of w^T. `--num_warps=4,16` also times (and checks)
-each kernel with those warps per 128x128 tile (default 8). Writes check_fp8_quantize.json under
+each kernel with those warps per 128x128 tile (default 8), `--late_transpose` with the fp8 result
+transposed instead of the float32 tile (quantize_kernel.py's docstring). Writes check_fp8_quantize.json under
 $OUT (or --out).
 """
 
@@ -31,6 +32,8 @@ from check_common import report, short_error, timed  # noqa: E402  (scripts/ is 
 
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for check_fp8_quantize.json")
 _NUM_WARPS = flags.DEFINE_list("num_warps", [], "other warps per tile to time the kernels with")
+_LATE_TRANSPOSE = flags.DEFINE_bool("late_transpose", False, "also time (and check) the kernels with "
+                                    "late_transpose=True (transposing the fp8 result, not the float32 tile)")
 
 WEIGHTS = (("experts gate+up [64, 2048, 2816]", (64, 2048, 2816), 1),
            ("experts gate | up, two inputs", (64, 2048, 2816), 2),  # as dispatch.ffn_grouped passes them
@@ -103,11 +106,14 @@ def main(argv):
             for label, fn in (("kernel", kernel), ("xla", xla)):
                 t = timed(fn, *args)
                 row[f"{label}_ms"], row[f"{label}_gbs"] = t * 1e3, moved / t / 1e9
-            for warps in _NUM_WARPS.value:
-                other = jax.jit(functools.partial(kernel_fn, num_warps=int(warps)))
+            variants = {f"w{w}": dict(num_warps=int(w)) for w in _NUM_WARPS.value}
+            if _LATE_TRANSPOSE.value:
+                variants["late_transpose"] = dict(late_transpose=True)
+            for label, kwargs in variants.items():
+                other = jax.jit(functools.partial(kernel_fn, **kwargs))
                 if not compare(other(*args), xla(*args))["ok"]:
-                    raise ValueError(f"num_warps={warps} differs from XLA")
-                row[f"kernel_ms_w{warps}"] = timed(other, *args) * 1e3
+                    raise ValueError(f"{kwargs} differs from XLA")
+                row[f"kernel_ms_{label}"] = timed(other, *args) * 1e3
         except Exception as e:  # noqa: BLE001 — one failing case does not stop the run
             res["errors"][name] = short_error(e)
         if not row.get("ok"):
@@ -117,7 +123,8 @@ def main(argv):
         print(f"{name:34s} ok={row.get('ok')}  kernel {row.get('kernel_ms', nan):.3f} ms "
               f"({row.get('kernel_gbs', nan):.0f} GB/s)  xla {row.get('xla_ms', nan):.3f} ms "
               f"({row.get('xla_gbs', nan):.0f} GB/s)" + "".join(
-                  f"  w{w}: {row.get(f'kernel_ms_w{w}', nan):.3f} ms" for w in _NUM_WARPS.value), flush=True)
+                  f"  {k[len('kernel_ms_'):]}: {v:.3f} ms" for k, v in row.items() if k.startswith("kernel_ms_")),
+              flush=True)
         _save(res)  # after every row: a run stopped by its time limit keeps what it measured
     report(res, failed)
 
