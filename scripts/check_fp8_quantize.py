@@ -11,8 +11,10 @@ by one E4M3 step where x / scale lies within a float32 ulp of a rounding midpoin
 x * fl(1/scale), the kernel too, but XLA:GPU may fuse differently), and prints milliseconds and GB/s
 (bytes read + written by the kernel: 2 per input element, 2 per output element, plus scales).
 Then the same for the weights' kernel (128x128 blocks, w and w^T from one read) on small.py's
-stacked expert weights (gate+up also as two inputs, as the experts pass them) and a dense kernel,
-against quantize_blocks of w (concatenated) and of w^T. `--num_warps=4,16` also times (and checks)
+stacked expert weights (gate+up also as two inputs, as the experts pass them), a dense kernel, and
+all 7 MoE layers' float32 masters at once (rounded to bf16 in the kernel, as model/fp8_weights.py
+calls it; [gate | up] takes the uint16-pair path), against quantize_blocks of w (concatenated, cast
+to bf16) and of w^T. `--num_warps=4,16` also times (and checks)
 each kernel with those warps per 128x128 tile (default 8), `--late_transpose` with the fp8 result
 transposed instead of the float32 tile (quantize_kernel.py's docstring). Writes check_fp8_quantize.json under
 $OUT (or --out).
@@ -35,9 +37,15 @@ _NUM_WARPS = flags.DEFINE_list("num_warps", [], "other warps per tile to time th
 _LATE_TRANSPOSE = flags.DEFINE_bool("late_transpose", False, "also time (and check) the kernels with "
                                     "late_transpose=True (transposing the fp8 result, not the float32 tile)")
 
-WEIGHTS = (("experts gate+up [64, 2048, 2816]", (64, 2048, 2816), 1),
-           ("experts gate | up, two inputs", (64, 2048, 2816), 2),  # as dispatch.ffn_grouped passes them
-           ("experts down [64, 1408, 2048]", (64, 1408, 2048), 1), ("dense [1, 2048, 2816]", (1, 2048, 2816), 1))
+# (name, stacked shape, inputs it is split into along N, input dtype): bf16 as a layer passes them; float32
+# masters of all 7 MoE layers at once, rounded to bf16 in the kernel, as model/fp8_weights.py passes them
+# (its [gate | up] output, 2.58e9 fp8 values, is written as uint16 pairs: quantize_kernel.offsets_wrap)
+WEIGHTS = (("experts gate+up [64, 2048, 2816]", (64, 2048, 2816), 1, "bfloat16"),
+           ("experts gate | up, two inputs", (64, 2048, 2816), 2, "bfloat16"),  # as dispatch.ffn_grouped
+           ("experts down [64, 1408, 2048]", (64, 1408, 2048), 1, "bfloat16"),
+           ("dense [1, 2048, 2816]", (1, 2048, 2816), 1, "bfloat16"),
+           ("7 layers' gate | up, f32 masters [448, 2048, 2816]", (448, 2048, 2816), 2, "float32"),
+           ("7 layers' down, f32 masters [448, 1408, 2048]", (448, 1408, 2048), 1, "float32"))
 SHAPES = (("experts x [98304, 2048], 64 groups", 98304, 2048, 64), ("experts dy [98304, 2816], 64 groups", 98304, 2816, 64),
           ("experts h [98304, 1408], 64 groups", 98304, 1408, 64), ("dense x [16384, 2048]", 16384, 2048, 1))
 
@@ -66,18 +74,18 @@ def _activation_case(m, d, g):
     return (a, jnp.asarray(sizes)), 3 * m * d + d * p + 4 * (m * d // 128 + d * p // 128), compare
 
 
-def _weight_case(shape, parts):
-    """(args, bytes the kernel moves, compare) for stacked weights of `shape`, given as `parts`
-    equal slices along N (quantized as their concatenation): bit equality."""
+def _weight_case(shape, parts, dtype):
+    """(args, bytes the kernel moves, compare) for stacked weights of `shape` in `dtype`, given as
+    `parts` equal slices along N (quantized as their concatenation, rounded to bf16): bit equality."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    w = jnp.asarray(np.random.RandomState(1).randn(*shape), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(dtype)  # on the device: 2.6e9 values
     bits = lambda x: np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint8)) if x.dtype == jnp.float8_e4m3fn \
         else np.asarray(x)  # noqa: E731
     compare = lambda got, want: {"ok": all(np.array_equal(bits(x), bits(y)) for x, y in zip(got, want))}  # noqa: E731
-    return tuple(jnp.split(w, parts, axis=2)), 4 * w.size + 4 * w.size // 128 ** 2, compare
+    return tuple(jnp.split(w, parts, axis=2)), (w.dtype.itemsize + 2) * w.size + 4 * w.size // 128 ** 2, compare
 
 
 def main(argv):
@@ -91,13 +99,13 @@ def main(argv):
                    jax.jit(lambda a, gs: (*quantize_blocks(a, (1, 128)), *grouped.quantize_wgrad(a, gs))))
 
     def weights_xla(*ws):  # q, q^T and the scales of [w_0 | w_1 ...]'s blocks, as the kernel returns them
-        w = jnp.concatenate(ws, axis=2)
+        w = jnp.concatenate(ws, axis=2).astype(jnp.bfloat16)
         q, s = quantize_blocks(w, (128, 128))
         return q, quantize_blocks(w.transpose(0, 2, 1), (128, 128))[0], s
 
-    weights = (quantize_kernel.quantize_weight_blocks, jax.jit(weights_xla))
+    weights = (functools.partial(quantize_kernel.quantize_weight_blocks, round_to="bfloat16"), jax.jit(weights_xla))
     cases = [(name, activations, _activation_case(m, d, g)) for name, m, d, g in SHAPES] + \
-            [(name, weights, _weight_case(shape, parts)) for name, shape, parts in WEIGHTS]
+            [(name, weights, _weight_case(shape, parts, dtype)) for name, shape, parts, dtype in WEIGHTS]
     for name, (kernel_fn, xla), (args, moved, compare) in cases:
         row = {"shape": name}
         kernel = jax.jit(kernel_fn)
