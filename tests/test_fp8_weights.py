@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 import presets
@@ -83,6 +84,20 @@ def test_compute_variables_makes_the_blocks_every_moe_layer_uses():
         assert FP8_COLLECTION not in jax.eval_shape(functools.partial(compute_variables, unused), variables)
     narrow = {"moe": {"gate": jnp.ones((e, d, 96)), "up": jnp.ones((e, d, 96)), "down": jnp.ones((e, 96, d))}}
     assert expert_blocks(CONFIG, narrow) == {}  # F not a multiple of 128: gate and up stay two GEMMs
+
+
+def test_blocks_for_a_dispatch_that_would_ignore_them_are_refused():
+    from dsjax.model import dispatch
+
+    config = replace(CONFIG, **{"moe.dispatch": "capacity"})
+    e, d, f = 4, 128, 128
+    x, ids, weights = jnp.ones((8, d)), jnp.zeros((8, 2), jnp.int32), jnp.ones((8, 2))
+    w_gate = w_up = jnp.ones((e, d, f))
+    w_down = jnp.ones((e, f, d))
+    blocks = expert_blocks(CONFIG, {"moe": {"gate": w_gate, "up": w_up, "down": w_down}})["moe"]
+    with pytest.raises(ValueError, match="model.moe.dispatch='capacity'"):
+        dispatch.routed_experts(x, ids, weights, w_gate, w_up, w_down, config,
+                                dispatch.ExpertBlocks(blocks["gate_up"], blocks["down"]))
 
 
 def test_hoisted_blocks_give_the_same_loss_and_gradients_and_leave_the_scan_stacks():

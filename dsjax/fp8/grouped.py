@@ -242,7 +242,8 @@ def gmm_block(x_MK: jax.Array, w_GKN, group_sizes_G: jax.Array, backend: str = "
         if tuple(tuple(b.shape) for b in blocks) != want:
             raise ValueError(f"gmm_block: blocks {[tuple(b.shape) for b in blocks]} are not the 128x128 "
                              f"blocks of w {shapes} (want q, q^T, scales of shapes {list(want)})")
-        blocks = WeightBlocks(*blocks)  # no stop_gradient: its primitive would hide them from scan forwarding
+        # no stop_gradient here (the custom VJP gives them none): its primitive would turn the scanned-in
+        # blocks into a new value, which a layer scan then stacks as a residual instead of forwarding
     if backend == "pallas_gpu":
         _check_gpu(backend)
     out_dtype = jnp.dtype(x_MK.dtype if out_dtype is None else out_dtype)

@@ -40,6 +40,13 @@ class ExpertBlocks(NamedTuple):
     down: WeightBlocks
 
 
+def check_blocks(blocks: Optional[ExpertBlocks], kind: str) -> None:
+    """FP8 weight blocks serve dropless dispatch only (its grouped GEMMs); anything else would ignore them."""
+    if blocks is not None and kind != "dropless":
+        raise ValueError(f"routed_experts: FP8 weight blocks serve dropless dispatch only, not "
+                         f"model.moe.dispatch={kind!r}")
+
+
 def fp8_backend(config: ModelConfig) -> Optional[str]:
     """The kernel backend of the experts' block-scaled FP8 GEMMs, or None when they run in the
     compute dtype (fp8 'none'; 'tensor' is XLA's per-tensor FP8 for dense layers only)."""
@@ -202,8 +209,7 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
     """(y [N, D] float32, number of dropped (token, expert) pairs). `blocks`: see ffn_grouped
     (dropless dispatch only)."""
     kind = config.moe.dispatch
-    if blocks is not None and kind != "dropless":
-        raise ValueError(f"routed_experts: FP8 weight blocks serve dropless dispatch only, not {kind!r}")
+    check_blocks(blocks, kind)
     if kind == "dense":
         return dense(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD)
     if kind == "capacity":

@@ -117,8 +117,7 @@ def routed_experts(x_ND, ids_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, c
     if moe.dispatch == "capacity":
         n_slice = n / mesh.shape.get("data", 1)
         cap = max(1, math.ceil(moe.capacity_factor * n_slice * k / e))
-    if blocks is not None and moe.dispatch != "dropless":
-        raise ValueError(f"routed_experts: FP8 weight blocks serve dropless dispatch only, not {moe.dispatch!r}")
+    dispatch.check_blocks(blocks, moe.dispatch)
     local = functools.partial(_local, config=config, num_shards=s, cap=cap, tensor=tensor, batch_axes=batch_axes)
     tokens = P(batch_axes, None)
     y_ND, dropped = jax.shard_map(
