@@ -2,6 +2,7 @@
 
     python scripts/check_fp8_grouped.py [--quick] [--only PREFIX] [--out DIR]     # on the GPU machine
     python scripts/check_fp8_grouped.py --only=small --configs=sweep              # tile-config sweep
+    python scripts/check_fp8_grouped.py --only=small --alpha=1000                # near-equal expert loads
     python scripts/check_fp8_grouped.py --cpu-interpret [--configs=...]           # dry run on CPU, jax >= 0.11
 
 (a) Correctness, relative Frobenius error (expected ~1e-4 or better; FAIL above 2e-3):
@@ -52,20 +53,21 @@ from check_common import fwd_bwd_ms, ms_line, report, short_error, timed  # noqa
 SHAPES = {
     "small up/gate": (98_304, 2048, 1408, 64),
     "small down": (98_304, 1408, 2048, 64),
+    "small gate|up": (98_304, 2048, 2816, 64),  # what fp8=block runs: one GEMM over [w_gate | w_up]
     "V3 up/gate": (131_072, 7168, 2048, 256),
     "V3 down": (131_072, 2048, 7168, 256),
 }
 CHECKS = {"aligned": (4096, 1024, 768, 8), "unaligned": (1000, 1000, 200, 5)}
 LAYER_SHAPES = ("small up/gate", "V3 up/gate")
-DIRICHLET_ALPHA = 2.0  # uneven expert loads
+DIRICHLET_ALPHA = 2.0  # uneven expert loads (--alpha; large values approach a balanced router's equal loads)
 TOL = 2e-3
 
 
-def group_sizes(m: int, g: int, seed: int, empty: int | None = None):
-    """Dirichlet-uneven sizes summing to m (largest remainder), expert `empty` given no rows."""
+def group_sizes(m: int, g: int, seed: int, empty: int | None = None, alpha: float = DIRICHLET_ALPHA):
+    """Dirichlet(alpha)-uneven sizes summing to m (largest remainder), expert `empty` given no rows."""
     import numpy as np
     rng = np.random.default_rng(seed)
-    p = rng.dirichlet(np.full(g, DIRICHLET_ALPHA))
+    p = rng.dirichlet(np.full(g, alpha))
     if empty is not None:
         p[empty] = 0.0
         p /= p.sum()
@@ -109,6 +111,8 @@ def main():
     parser.add_argument("--configs", default="",
                         help="sweep: comma-separated tile configs CTA_MxCTA_N[.m|n[.stages[.grid_tile_width"
                              "[.lane|wg]]]] (e.g. 128x192.m.3.8.wg), or 'sweep' for grouped_kernel.SWEEP_CONFIGS")
+    parser.add_argument("--alpha", type=float, default=DIRICHLET_ALPHA,
+                        help="Dirichlet concentration of the timed shapes' expert loads (checks keep the default)")
     parser.add_argument("--cpu-interpret", action="store_true",
                         help="dry run on CPU (jax >= 0.11): tiny shapes, the FP8 kernels in Pallas's Mosaic GPU "
                              "interpreter, xla_cpu references, no bf16 Pallas kernels; timings meaningless")
@@ -158,7 +162,7 @@ def main():
         layer_shapes = tuple(k for k in layer_shapes if k.startswith(args.only))
 
     dev = jax.devices()[0]
-    res = {"device": dev.device_kind, "jax": jax.__version__, "dirichlet_alpha": DIRICHLET_ALPHA,
+    res = {"device": dev.device_kind, "jax": jax.__version__, "dirichlet_alpha": args.alpha,
            "kernel_configs": {k.strip() or "default": repr(v) for k, v in configs.items()}, "checks": {}, "tflops": {},
            "layer_fwd_bwd_ms": {}, "errors": {}}
     print(f"{dev.device_kind}, jax {jax.__version__}, {getattr(dev, 'core_count', '?')} SMs")
@@ -191,12 +195,12 @@ def main():
             print(f"  error {name}: " + short_error(e))
             return None
 
-    def raw(M, K, N, G, seed=0, dtype=jnp.float32, empty=None):
+    def raw(M, K, N, G, seed=0, dtype=jnp.float32, empty=None, alpha=DIRICHLET_ALPHA):
         kx, kw, ks, kd = jax.random.split(jax.random.key(seed), 4)
         x = (jax.random.normal(kx, (M, K)) * jnp.exp(jax.random.normal(ks, (M, 1)))).astype(dtype)
         w = (jax.random.normal(kw, (G, K, N)) * 0.05).astype(dtype)
         dy = jax.random.normal(kd, (M, N)).astype(dtype)
-        return x, w, dy, jnp.asarray(group_sizes(M, G, seed, empty))
+        return x, w, dy, jnp.asarray(group_sizes(M, G, seed, empty, alpha))
 
     @jax.jit
     def quantized(x, w, dy, gs):
@@ -296,7 +300,7 @@ def main():
             v = guarded(f"{col} {sname}", lambda: flops / timed(fn, *a, inner=inner, outer=outer) / 1e12)
             row[col] = v
 
-        x, w, dy, gs = raw(M, K, N, G, seed=3, dtype=jnp.bfloat16)
+        x, w, dy, gs = raw(M, K, N, G, seed=3, dtype=jnp.bfloat16, alpha=args.alpha)
         fwd, dgrad, wgrad = jax.block_until_ready(quantized(x, w, dy, gs))
         tiles = jax.block_until_ready(tile_args(gs))
         bench("dense bf16", jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), x, w[0])

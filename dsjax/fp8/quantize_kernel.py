@@ -43,10 +43,11 @@ master weights as their compute-dtype cast, without writing that cast (model/fp8
 quantizes all layers' expert weights in one call before the layer scan).
 
 Transposes: the tile for the transposed output goes through shared memory as float32 (64 KB per
-128x128 tile, which bounds the CTAs per SM). `late_transpose=True` quantizes first and transposes the
-fp8 (or, packed, uint16) result instead: the same values, a quarter of the bytes. An option until
-timed on the GPU (scripts/check_fp8_quantize.py --late_transpose); the kernels stay at ~2 TB/s of
-the H200's 4.8 and take ~21 ms of a configs/small.py FP8 step.
+128x128 tile). Transposing the quantized fp8 (or packed uint16) result instead, a quarter of the
+bytes, was no faster on one H200 (0.434 vs 0.423 ms on small.py's expert x; 2026-11-29) and its
+output differed from XLA's on one shape there (all 7 layers' float32 w_down masters) though not in
+the interpreter, so it was removed. The activations' kernels run at ~2 TB/s of the H200's 4.8 and
+take ~16 ms of a configs/small.py FP8 step.
 
 Array size: Pallas's Triton lowering addresses an array of at most 2^32 bytes with 32-bit element
 offsets, which wrap at 2^31 elements (`offsets_wrap`): all 7 MoE layers' [gate | up] blocks of
@@ -85,7 +86,7 @@ def _quantized(x, scale):
     return jnp.clip(x * (1.0 / scale), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
 
 
-def _kernel(start_ref, rows_ref, a_ref, q_ref, s_ref, qt_ref, st_ref, *, late_transpose):
+def _kernel(start_ref, rows_ref, a_ref, q_ref, s_ref, qt_ref, st_ref):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -101,13 +102,12 @@ def _kernel(start_ref, rows_ref, a_ref, q_ref, s_ref, qt_ref, st_ref, *, late_tr
     plgpu.store(s_ref.at[j, rows], scale_R, mask=valid_R)
 
     scale_C = _scales(abs_RC.max(axis=0))  # 128x1 tiles along tokens: one per column
-    qt_ref[...] = (_quantized(a_RC, scale_C[None, :]).T if late_transpose
-                   else _quantized(a_RC.T, scale_C[:, None]))
+    qt_ref[...] = _quantized(a_RC.T, scale_C[:, None])
     st_ref[...] = scale_C
 
 
-@functools.partial(jax.jit, static_argnames=("num_tiles", "interpret", "num_warps", "late_transpose"))
-def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool, num_warps: int, late_transpose: bool):
+@functools.partial(jax.jit, static_argnames=("num_tiles", "interpret", "num_warps"))
+def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool, num_warps: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -115,7 +115,7 @@ def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool, num_warps: 
     j = d // BLOCK
     whole = pl.BlockSpec(memory_space=None)
     q_MD, s_JM, qt_DP, st_TD = pl.pallas_call(
-        functools.partial(_kernel, late_transpose=late_transpose),
+        _kernel,
         grid=(num_tiles, j),
         in_specs=[whole, whole, whole],
         out_specs=[whole, whole,
@@ -139,7 +139,7 @@ class WeightBlocks(NamedTuple):
     s_GJL: jax.Array  # float32 [G, K/128, N/128] dequantization scales
 
 
-def _weight_kernel(*refs, starts, round_to, packed, late_transpose):
+def _weight_kernel(*refs, starts, round_to, packed):
     """One 128x128 output block (g, j, l): read from the input whose blocks along N hold l
     (inputs i cover blocks starts[i] .. starts[i+1] - 1), written in both orientations; values
     rounded to `round_to` first when given (a float32 master weight read as its bf16 cast).
@@ -159,7 +159,7 @@ def _weight_kernel(*refs, starts, round_to, packed, late_transpose):
             w_KN = load(w_ref)
             scale = _scales(jnp.abs(w_KN).max())  # one per 128x128 block
             q_ref[...] = _quantized(w_KN, scale)
-            qt_ref[...] = _quantized(w_KN, scale).T if late_transpose else _quantized(w_KN.T, scale)
+            qt_ref[...] = _quantized(w_KN.T, scale)
             s_ref[...] = scale
             return
         half = BLOCK // 2
@@ -176,8 +176,8 @@ def _weight_kernel(*refs, starts, round_to, packed, late_transpose):
         q_ref[even, :] = pack(ee, eo)  # row 2i of w: columns (2c, 2c + 1) = (ee, eo)[i, c]
         q_ref[odd, :] = pack(oe, oo)
         # row 2c of w^T: columns (2i, 2i + 1) = (ee, oe)[i, c]
-        qt_ref[even, :] = pack(ee, oe).T if late_transpose else pack(ee.T, oe.T)
-        qt_ref[odd, :] = pack(eo, oo).T if late_transpose else pack(eo.T, oo.T)
+        qt_ref[even, :] = pack(ee.T, oe.T)
+        qt_ref[odd, :] = pack(eo.T, oo.T)
         s_ref[...] = scale
 
     if len(w_refs) == 1:
@@ -201,9 +201,9 @@ def offsets_wrap(shape, dtype) -> bool:
     return n >= OFFSET_LIMIT and n * jnp.dtype(dtype).itemsize <= 2 * OFFSET_LIMIT
 
 
-@functools.partial(jax.jit, static_argnames=("round_to", "interpret", "num_warps", "late_transpose"))
+@functools.partial(jax.jit, static_argnames=("round_to", "interpret", "num_warps"))
 def quantize_weight_blocks(*ws_GKN: jax.Array, round_to=None, interpret: bool = False,
-                           num_warps: int = NUM_WARPS, late_transpose: bool = False) -> WeightBlocks:
+                           num_warps: int = NUM_WARPS) -> WeightBlocks:
     """(q_GKN, qt_GNK, s_GJL): stacked weights [G, K, N] in 128x128 blocks, in both K-major
     orientations (the forward GEMM reads w^T, dgrad w), from one read of each block; equal to
     quantize_blocks(w, (128, 128)) and to quantize_blocks of w transposed. Several weights [G, K, N_i]
@@ -234,8 +234,7 @@ def quantize_weight_blocks(*ws_GKN: jax.Array, round_to=None, interpret: bool = 
         return pl.BlockSpec((None, BLOCK, BLOCK), lambda gg, jj, ll: (gg, jj, jnp.clip(ll - lo, 0, count - 1)))
 
     q, qt, s = pl.pallas_call(
-        functools.partial(_weight_kernel, starts=starts, round_to=round_to, packed=packed,
-                          late_transpose=late_transpose),
+        functools.partial(_weight_kernel, starts=starts, round_to=round_to, packed=packed),
         grid=(g, j, l),
         in_specs=[block_of(lo, count) for lo, count in zip(starts, counts)],
         out_specs=[pl.BlockSpec((None, BLOCK, width), lambda gg, jj, ll: (gg, jj, ll)),
@@ -290,16 +289,14 @@ def unfit_reason(a_MD, num_groups: int = 1) -> str | None:
 
 
 def quantize_rows_and_tiles(a_MD: jax.Array, group_sizes_G: jax.Array, *, interpret: bool = False,
-                            num_warps: int = NUM_WARPS, late_transpose: bool = False):
+                            num_warps: int = NUM_WARPS):
     """(q_MD, s_MJ, qt_DP, st_DT) of a [M, D] (rows sorted into contiguous groups); see the module
     docstring. `interpret` runs Pallas's interpreter (CPU tests); `num_warps` per 128x128 tile
-    (scripts/check_fp8_quantize.py --num_warps times others); `late_transpose`: see the module
-    docstring (--late_transpose times it)."""
+    (scripts/check_fp8_quantize.py --num_warps times others)."""
     from dsjax.fp8.grouped import tile_rows
 
     reason = unfit_reason(a_MD, group_sizes_G.shape[0])
     if reason is not None:
         raise ValueError(f"quantize_rows_and_tiles: {reason}")
     start_T, rows_T = tile_rows(group_sizes_G.astype(jnp.int32), a_MD.shape[0])
-    return _call(a_MD, start_T, rows_T, num_tiles=start_T.shape[0], interpret=interpret, num_warps=num_warps,
-                 late_transpose=late_transpose)
+    return _call(a_MD, start_T, rows_T, num_tiles=start_T.shape[0], interpret=interpret, num_warps=num_warps)

@@ -93,7 +93,9 @@ def ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, grouped_g
     if fp8 is not None and f % FP8_BLOCK == 0:
         # one GEMM over [w_gate | w_up], not materialized
         gate_up_MX = gemm(x_MD, (w_gate_EDF, w_up_EDF), None if blocks is None else blocks.gate_up)
-        gate_MF, up_MF = gate_up_MX[:, :f], gate_up_MX[:, f:]
+        # split, not two slices: their gradient is one concatenation, where slices' is two zero-padded
+        # copies added (0.64 vs ~0.4 ms per configs/small.py MoE layer on an H200)
+        gate_MF, up_MF = jnp.split(gate_up_MX, [f], axis=1)
     else:
         gate_MF, up_MF = gemm(x_MD, w_gate_EDF), gemm(x_MD, w_up_EDF)
     gate_MF, up_MF = gate_MF.astype(jnp.float32), up_MF.astype(jnp.float32)

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from dsjax import checkpoint as ckpt_lib
 from dsjax import sharding as shd
+from dsjax import xla_options
 from dsjax.config import Config, ConfigError, model_from_dict, replace, validate
 from dsjax.data import heldout_problems, make_tokenizer
 from dsjax.model import ReplayIds
@@ -203,9 +204,11 @@ def update_step(config: Config, optimizer, state: TrainState, rows, replay, old_
 
 
 def make_update_step(config: Config, optimizer, state_shardings, mesh):
-    """The jitted update (state donated); one compile per run (old/ref None or arrays by config)."""
+    """The jitted update (state donated, `xla_options.TRAINING`); one compile per run (old/ref None or
+    arrays by config)."""
     return jax.jit(lambda s, *args: update_step(config, optimizer, s, *args),
-                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0,
+                   compiler_options=xla_options.TRAINING)
 
 
 def make_logprob_fn(config: Config):

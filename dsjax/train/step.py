@@ -19,6 +19,7 @@ import optax
 from flax import linen as nn
 
 from dsjax import sharding as shd
+from dsjax import xla_options
 from dsjax.config import Config
 from dsjax.model import Transformer, compute_variables
 from dsjax.train import balance
@@ -110,8 +111,10 @@ def train_step(config: Config, optimizer: optax.GradientTransformation, state: T
 
 
 def make_train_step(config: Config, optimizer, mesh, state_shardings) -> Callable:
-    """The jitted step: state sharded as created, batch over ('data', 'expert'), state donated."""
+    """The jitted step: state sharded as created, batch over ('data', 'expert'), state donated,
+    compiled with `xla_options.TRAINING`."""
     batch_shardings = {k: shd.batch_sharding(mesh, 2) for k in BATCH_KEYS}
     return jax.jit(lambda s, b: train_step(config, optimizer, s, b),
                    in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
+                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0,
+                   compiler_options=xla_options.TRAINING)

@@ -1,0 +1,18 @@
+"""The XLA options dsjax compiles its training steps with (`jax.jit(..., compiler_options=TRAINING)`).
+
+A layer scan's backward pass reads the forward's residuals, which jax.lax.scan stacks into [L, ...]
+buffers: it creates each as broadcast zeros, then the loop overwrites it slot by slot. The weight
+gradients of a scan's stacked parameters are collected the same way. XLA:GPU fills those zeros
+unless told it need not: on one H200 the fills (`loop_broadcast_fusion`) took 14.0 ms of a
+configs/small.py fp8=block step and 8.7 ms of a bf16 one (2026-11-29, BENCHMARKS.md, "FP8").
+
+`xla_gpu_enable_dus_accumulator_zero_init_elimination` (off by default in jaxlib 0.10-0.11) replaces
+such an initializer by an uninitialized allocation when it proves that the loop writes every slot
+before reading it (a known trip count, slot i written at iteration i, ascending or descending), so
+nothing can read the skipped zeros. With it, the same step's fills are gone and both losses match
+the runs without it to the digits printed. It is a DebugOptions field: other backends ignore it,
+and jax rejects an option name the installed jaxlib does not know, so every compiled train step in
+the test suite checks that the name exists.
+"""
+
+TRAINING = {"xla_gpu_enable_dus_accumulator_zero_init_elimination": True}
