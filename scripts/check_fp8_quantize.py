@@ -14,9 +14,10 @@ Then the same for the weights' kernel (128x128 blocks, w and w^T from one read) 
 stacked expert weights (gate+up also as two inputs, as the experts pass them), a dense kernel, and
 all 7 MoE layers' float32 masters at once (rounded to bf16 in the kernel, as model/fp8_weights.py
 calls it; [gate | up] takes the uint16-pair path), against quantize_blocks of w (concatenated, cast
-to bf16) and of w^T. `--num_warps=4,16` also times (and checks)
-each kernel with those warps per 128x128 tile (default 8). A weights' row that is not bit-equal
-reports, per output, the share of differing values and the largest relative difference. Writes
+to bf16) and of w^T. `--num_warps=4,16` also times (and checks) each kernel with those warps per
+128x128 tile (default 8); `--column_blocks=2,4` the activations' kernel with that many 128-column
+blocks per program (where they divide D / 128). A weights' row that is not bit-equal reports, per
+output, the share of differing values and the largest relative difference. Writes
 check_fp8_quantize.json under $OUT (or --out).
 """
 
@@ -34,6 +35,8 @@ from check_common import report, short_error, timed  # noqa: E402  (scripts/ is 
 
 _OUT = flags.DEFINE_string("out", os.environ.get("OUT", "."), "directory for check_fp8_quantize.json")
 _NUM_WARPS = flags.DEFINE_list("num_warps", [], "other warps per tile to time the kernels with")
+_COLUMN_BLOCKS = flags.DEFINE_list("column_blocks", [], "other 128-column blocks per program to time the "
+                                   "activations' kernel with (where they divide D / 128)")
 
 # (name, stacked shape, inputs it is split into along N, input dtype): bf16 as a layer passes them; float32
 # masters of all 7 MoE layers at once, rounded to bf16 in the kernel, as model/fp8_weights.py passes them
@@ -82,7 +85,9 @@ def _weight_case(shape, parts, dtype):
 
     @jax.jit
     def differences(x, y):  # (share of values whose bits differ, largest relative difference), on the device
-        bits = lambda v: jax.lax.bitcast_convert_type(v, jnp.uint8 if v.dtype.itemsize == 1 else jnp.uint32)  # noqa: E731
+        def bits(v):
+            return jax.lax.bitcast_convert_type(v, jnp.uint8 if v.dtype.itemsize == 1 else jnp.uint32)
+
         x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
         return jnp.mean(bits(x) != bits(y)), jnp.max(jnp.abs(x32 - y32) / jnp.maximum(jnp.abs(y32), 1e-30))
 
@@ -123,6 +128,9 @@ def main(argv):
                 t = timed(fn, *args)
                 row[f"{label}_ms"], row[f"{label}_gbs"] = t * 1e3, moved / t / 1e9
             variants = {f"w{w}": dict(num_warps=int(w)) for w in _NUM_WARPS.value}
+            if kernel_fn is activations[0]:
+                variants.update({f"c{c}": dict(column_blocks=int(c)) for c in _COLUMN_BLOCKS.value
+                                 if (args[0].shape[1] // 128) % int(c) == 0})
             for label, kwargs in variants.items():
                 other = jax.jit(functools.partial(kernel_fn, **kwargs))
                 if not compare(other(*args), xla(*args))["ok"]:

@@ -41,6 +41,19 @@ def test_fused_quantization_equals_the_xla_passes(sizes):
     assert (np.asarray(st_want) == 1.0).sum() >= 128 and (np.asarray(s_want)[256:rows, 0] == 1.0).all()  # zero tiles
 
 
+@pytest.mark.parametrize("column_blocks", [2, 4])
+def test_several_column_blocks_per_program_give_the_same_bits(column_blocks):
+    """column_blocks (consecutive 128-column blocks per program, a speed tunable) changes no value."""
+    a, gs = _activation(300, 512, seed=2), jnp.asarray([100, 0, 130, 3, 40], jnp.int32)
+    rows = int(gs.sum())
+    want = quantize_kernel.quantize_rows_and_tiles(a, gs, interpret=True)
+    got = quantize_kernel.quantize_rows_and_tiles(a, gs, interpret=True, column_blocks=column_blocks)
+    for g, e, valid in zip(got, want, (rows, rows, None, None)):  # rows past the groups: unwritten
+        np.testing.assert_array_equal(_bits(g)[:valid], _bits(e)[:valid])
+    with pytest.raises(ValueError, match="column_blocks=3 does not divide the 4 128-column blocks"):
+        quantize_kernel.quantize_rows_and_tiles(a, gs, interpret=True, column_blocks=3)
+
+
 def test_one_group_gives_the_dense_128x1_tiles():
     """A dense layer is one group of all M rows (M a multiple of 128): qt is x's 128x1 tiles, transposed."""
     a = _activation(256, 256, seed=1)
@@ -143,6 +156,8 @@ def test_kernels_lower_for_cuda(monkeypatch):
                             lambda: plgpu.get_gpu_info_from_version(plgpu.GpuVersion.H200))
     calls = ((quantize_kernel.quantize_rows_and_tiles, (jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16),
                                                         jax.ShapeDtypeStruct((8,), jnp.int32))),
+             (functools.partial(quantize_kernel.quantize_rows_and_tiles, column_blocks=2),
+              (jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16), jax.ShapeDtypeStruct((8,), jnp.int32))),
              (quantize_kernel.quantize_weight_blocks, (jax.ShapeDtypeStruct((4, 256, 384), jnp.bfloat16),)),
              (quantize_kernel.quantize_weight_blocks, (jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16),
                                                        jax.ShapeDtypeStruct((4, 256, 128), jnp.bfloat16))),

@@ -26,8 +26,10 @@ grouped kernels never read them (dropless dispatch has no such rows; expert-para
 
 Pallas' Triton backend (a bandwidth-bound tile transform needs no wgmma, and Triton kernels run in
 the interpreter on CPU, so CI checks these); D must be a multiple of 128. Each program takes one
-128-row tile t of the padded layout and one 128-column block j: it reads the tile's rows from
-their dynamic start (a group's rows are contiguous: one 128-row slice), masked past the group's end.
+128-row tile t of the padded layout and one 128-column block j (or `column_blocks` consecutive
+ones, unrolled, so that more loads are in flight per program: a tunable, 1 unless timings say
+otherwise): it reads the tile's rows from their dynamic start (a group's rows are contiguous: one
+128-row slice), masked past the group's end.
 On one H200 (2026-11-29, scripts/check_fp8_quantize.py): bit-identical to the XLA passes, 12-14x
 faster on configs/small.py's expert activations (1.8-2.1 TB/s against ~150 GB/s).
 
@@ -86,41 +88,45 @@ def _quantized(x, scale):
     return jnp.clip(x * (1.0 / scale), -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
 
 
-def _kernel(start_ref, rows_ref, a_ref, q_ref, s_ref, qt_ref, st_ref):
+def _kernel(start_ref, rows_ref, a_ref, q_ref, s_ref, qt_ref, st_ref, *, column_blocks):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    t, j = pl.program_id(0), pl.program_id(1)
+    t, jc = pl.program_id(0), pl.program_id(1)
     valid_R = jnp.arange(BLOCK, dtype=jnp.int32) < rows_ref[t]
     rows = pl.ds(start_ref[t], BLOCK)  # may run past a's end: those rows are masked
-    cols = pl.ds(pl.multiple_of(j * BLOCK, BLOCK), BLOCK)
-    a_RC = plgpu.load(a_ref.at[rows, cols], mask=valid_R[:, None], other=0).astype(jnp.float32)
-    abs_RC = jnp.abs(a_RC)
+    for c in range(column_blocks):  # unrolled: the blocks' loads do not wait on each other
+        j = jc * column_blocks + c
+        cols = pl.ds(pl.multiple_of(j * BLOCK, BLOCK), BLOCK)
+        a_RC = plgpu.load(a_ref.at[rows, cols], mask=valid_R[:, None], other=0).astype(jnp.float32)
+        abs_RC = jnp.abs(a_RC)
 
-    scale_R = _scales(abs_RC.max(axis=1))  # 1x128 tiles along the features: one per row
-    plgpu.store(q_ref.at[rows, cols], _quantized(a_RC, scale_R[:, None]), mask=valid_R[:, None])
-    plgpu.store(s_ref.at[j, rows], scale_R, mask=valid_R)
+        scale_R = _scales(abs_RC.max(axis=1))  # 1x128 tiles along the features: one per row
+        plgpu.store(q_ref.at[rows, cols], _quantized(a_RC, scale_R[:, None]), mask=valid_R[:, None])
+        plgpu.store(s_ref.at[j, rows], scale_R, mask=valid_R)
 
-    scale_C = _scales(abs_RC.max(axis=0))  # 128x1 tiles along tokens: one per column
-    qt_ref[...] = _quantized(a_RC.T, scale_C[:, None])
-    st_ref[...] = scale_C
+        scale_C = _scales(abs_RC.max(axis=0))  # 128x1 tiles along tokens: one per column
+        here = pl.ds(c * BLOCK, BLOCK)  # this block's rows of the program's qt / st blocks
+        qt_ref[here, :] = _quantized(a_RC.T, scale_C[:, None])
+        st_ref[here] = scale_C
 
 
-@functools.partial(jax.jit, static_argnames=("num_tiles", "interpret", "num_warps"))
-def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool, num_warps: int):
+@functools.partial(jax.jit, static_argnames=("num_tiles", "interpret", "num_warps", "column_blocks"))
+def _call(a_MD, start_T, rows_T, *, num_tiles: int, interpret: bool, num_warps: int, column_blocks: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     m, d = a_MD.shape
     j = d // BLOCK
+    width = column_blocks * BLOCK
     whole = pl.BlockSpec(memory_space=None)
     q_MD, s_JM, qt_DP, st_TD = pl.pallas_call(
-        _kernel,
-        grid=(num_tiles, j),
+        functools.partial(_kernel, column_blocks=column_blocks),
+        grid=(num_tiles, j // column_blocks),
         in_specs=[whole, whole, whole],
         out_specs=[whole, whole,
-                   pl.BlockSpec((BLOCK, BLOCK), lambda t, jj: (jj, t)),
-                   pl.BlockSpec((None, BLOCK), lambda t, jj: (t, jj))],
+                   pl.BlockSpec((width, BLOCK), lambda t, jj: (jj, t)),
+                   pl.BlockSpec((None, width), lambda t, jj: (t, jj))],
         out_shape=[jax.ShapeDtypeStruct((m, d), jnp.float8_e4m3fn),
                    jax.ShapeDtypeStruct((j, m), jnp.float32),
                    jax.ShapeDtypeStruct((d, num_tiles * BLOCK), jnp.float8_e4m3fn),
@@ -289,14 +295,20 @@ def unfit_reason(a_MD, num_groups: int = 1) -> str | None:
 
 
 def quantize_rows_and_tiles(a_MD: jax.Array, group_sizes_G: jax.Array, *, interpret: bool = False,
-                            num_warps: int = NUM_WARPS):
+                            num_warps: int = NUM_WARPS, column_blocks: int = 1):
     """(q_MD, s_MJ, qt_DP, st_DT) of a [M, D] (rows sorted into contiguous groups); see the module
-    docstring. `interpret` runs Pallas's interpreter (CPU tests); `num_warps` per 128x128 tile
-    (scripts/check_fp8_quantize.py --num_warps times others)."""
+    docstring. `interpret` runs Pallas's interpreter (CPU tests); `num_warps` per program;
+    `column_blocks`: 128-column blocks per program (a divisor of D / 128), one after another in
+    one row tile (scripts/check_fp8_quantize.py --num_warps / --column_blocks time others)."""
     from dsjax.fp8.grouped import tile_rows
 
     reason = unfit_reason(a_MD, group_sizes_G.shape[0])
     if reason is not None:
         raise ValueError(f"quantize_rows_and_tiles: {reason}")
+    blocks = a_MD.shape[1] // BLOCK
+    if column_blocks < 1 or blocks % column_blocks:
+        raise ValueError(f"quantize_rows_and_tiles: column_blocks={column_blocks} does not divide the "
+                         f"{blocks} 128-column blocks of activation {a_MD.shape}")
     start_T, rows_T = tile_rows(group_sizes_G.astype(jnp.int32), a_MD.shape[0])
-    return _call(a_MD, start_T, rows_T, num_tiles=start_T.shape[0], interpret=interpret, num_warps=num_warps)
+    return _call(a_MD, start_T, rows_T, num_tiles=start_T.shape[0], interpret=interpret, num_warps=num_warps,
+                 column_blocks=column_blocks)
