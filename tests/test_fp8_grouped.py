@@ -217,6 +217,41 @@ def test_k_grouped_kernel_matches_reference_in_interpreter(K, N, sizes, M, tiles
     assert _rel(got, want) < KERNEL_RTOL, _rel(got, want)
 
 
+# Two 128-K chunks per pipeline step (kernel.Config.k_chunks, M-grouped only): K = 256 is one step,
+# 200 pads to one, 640 to three (its last chunk all zeros).
+CHUNKED_CASES = [KERNEL_CASES[0], KERNEL_CASES[1], (640, 256, (100, 0, 5, 200, 15), 330)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("K,N,sizes,M", CHUNKED_CASES)
+def test_m_grouped_kernel_two_chunks_per_step_matches_reference_in_interpreter(K, N, sizes, M):
+    """Both chunks' WGMMAs issued, then each partial promoted after its own wait: the same sums."""
+    from dsjax.fp8 import grouped_kernel
+
+    config = grouped_kernel.Config(stages=2, k_chunks=2)
+    for args in _quantized(K, N, sizes, M)[:2]:
+        want = grouped._m_grouped(*args, "xla_cpu", jnp.float32)
+        got = grouped_kernel.m_grouped_matmul(*args, jnp.float32, config, sb_blocked=True,
+                                              interpret=interpreter_params()(), num_ctas=2)
+        assert _rel(got, want) < KERNEL_RTOL, _rel(got, want)
+        assert not np.asarray(got[sum(sizes):]).any()
+    with pytest.raises(ValueError, match="not per-column sb"):
+        grouped_kernel.k_grouped_matmul(*_quantized(K, N, sizes, M)[2][:4], jnp.zeros(5, jnp.int32),
+                                        jnp.zeros(5, jnp.int32), jnp.float32, config)
+
+
+@needs_interpreter
+def test_two_chunks_per_step_lowers_for_cuda():
+    """k_chunks=2 through Pallas -> Mosaic GPU for sm_90: the chunk slices of the swizzled tiles,
+    wgmma_accumulator_load's waits, two accumulators, the shared-memory budget (bf16 output)."""
+    from dsjax.fp8 import grouped_kernel
+
+    fwd = _quantized(640, 256, (100, 0, 5, 200, 15), 330)[0]
+    config = grouped_kernel.Config.parse("128x128.m.2.4.lane.k2")
+    fn = jax.jit(lambda *a: grouped_kernel.m_grouped_matmul(*a, jnp.bfloat16, config, sb_blocked=True, num_ctas=132))
+    assert "mosaic_gpu" in fn.trace(*fwd).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def _lower_for_cuda(config, k_dtype):
     """Pallas -> Mosaic GPU lowering for sm_90 on CPU (no PTX) of both kernels: tiling, transforms,
     layouts, smem budget (M-grouped with bf16 output)."""
@@ -277,7 +312,12 @@ def test_config_registers_and_spec():
     cfg = Config.parse("128x192.m.3.8.wg")
     assert cfg == Config(cta_n=192, stages=3, grid_tile_width=8, semantics="warpgroup")
     assert Config.parse(cfg.spec) == cfg and Config.parse("128x160") == Config(cta_n=160)
-    for bad in ("128", "128x192.m.3.8.tc", "128x192.m.3.8.wg.1"):
+    assert Config.parse("128x128.m.2.4.lane.k2") == Config(stages=2, k_chunks=2)
+    assert Config(stages=2, k_chunks=2).spec == "128x128.m.2.4.lane.k2" and Config().spec == "128x128.m.4.4.lane"
+    assert Config(k_chunks=2).registers() == 64 + 2 * 64 + 32
+    with pytest.raises(ValueError, match="shared memory"):  # 3 stages of two chunks beside a bf16 tile
+        grouped_kernel.check_config(Config(stages=3, k_chunks=2), jnp.bfloat16, sb_blocked=True)
+    for bad in ("128", "128x192.m.3.8.tc", "128x192.m.3.8.wg.1", "128x128.m.2.4.lane.k2.x"):
         with pytest.raises(ValueError, match="is not CTA_MxCTA_N"):
             Config.parse(bad)
     for spec in grouped_kernel.SWEEP_CONFIGS:

@@ -43,6 +43,16 @@ vector while its WGMMA runs where that fits the registers, else 32 columns' at a
 On one H200 (2026-11-29, scripts/check_fp8_grouped.py --configs=sweep) 128 x 192 and 128 x 256 match
 the reference but run slower than 128 x 128 on small.py's up GEMM (BENCHMARKS.md), so the defaults stay.
 
+Two chunks per step (`Config.k_chunks=2`, M-grouped only; spec suffix ".k2", e.g.
+128x128.m.2.4.lane.k2: two stages of 256-K tiles fill what four 128-K stages did): a warpgroup
+issues both chunks' WGMMAs into two partials, then promotes the first while the second still runs
+(`wgmma_accumulator_load(wait_n=1)`; Pallas commits one WGMMA group per call). With one chunk per
+step each promotion waits for its own WGMMA and both warpgroups reach it together, which may leave
+the tensor cores idle through it: the suspect for the K = 2048 shapes (16 promotions per tile) where
+every tiling stays at 1.13-1.25x bf16 (session 8). K pads to whole steps with zero chunks. Matches
+the reference in the interpreter and lowers for CUDA; not yet run on a GPU (a tunable: the default
+stays one chunk until timed).
+
 Shapes: K (forward) is zero-padded to whole 128-chunks, M to cta_m and N (and wgrad's K) to the
 tile; outputs are sliced back. `*_unfit_reason` says what a kernel cannot take; grouped.py then
 falls back to its XLA path with one warning per shape. group_sizes must sum to at most M.
@@ -115,6 +125,10 @@ def check_config(cfg: Config, out_dtype, sb_blocked: bool):
     """Raises ValueError if the kernels cannot run `cfg` with this output dtype (shared memory) and
     sb (registers: per-column sb, as wgrad's, counts its column scales)."""
     cfg.check(0 if sb_blocked else _col_chunk(cfg, sb_blocked), _partial_n(cfg, sb_blocked))
+    if cfg.k_chunks > 1 and not (sb_blocked and _partial_n(cfg, sb_blocked) == cfg.wg_n):
+        what = "a column-halved warpgroup tile" if sb_blocked else "per-column sb (wgrad)"
+        raise ValueError(f"{cfg}: k_chunks > 1 serves the M-grouped kernel with 128-column-blocked sb "
+                         f"(forward, dgrad) and one WGMMA per chunk, not {what}")
     if cfg.cta_n % 64:
         # 128 x 160 (Warpgroup semantics) stopped an H200 with CUDA_ERROR_MISALIGNED_ADDRESS in its
         # first forward (2026-11-29, scripts/check_fp8_grouped.py --configs=sweep); the interpreter
@@ -128,18 +142,20 @@ def check_config(cfg: Config, out_dtype, sb_blocked: bool):
 
 
 def _pipeline(cfg: Config, num_steps, step, compute_context, first=0):
-    """kernel.py's warp-specialized K pipeline over `num_steps` 128-chunks from chunk `first`:
-    a [cta_m, 128], b [cta_n, 128] (fp8, swizzled), sa [1, cta_m] and sb [1, cta_n] per step."""
+    """kernel.py's warp-specialized K pipeline over `num_steps` steps of C = k_chunks 128-chunks,
+    from step `first`: a [cta_m, 128 C], b [cta_n, 128 C] (fp8, swizzled), sa [C, cta_m] and
+    sb [C, cta_n] per step."""
     fp8_transforms = _fp8_transforms()
+    c = cfg.k_chunks
     return plgpu.emit_pipeline_warp_specialized(
         step,
         grid=(num_steps,),
         memory_registers=MEMORY_REGISTERS,
         in_specs=[
-            plgpu.BlockSpec((cfg.cta_m, BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
-            plgpu.BlockSpec((cfg.cta_n, BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
-            plgpu.BlockSpec((1, cfg.cta_m), lambda kk: (first + kk, 0)),
-            plgpu.BlockSpec((1, cfg.cta_n), lambda kk: (first + kk, 0)),
+            plgpu.BlockSpec((cfg.cta_m, c * BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
+            plgpu.BlockSpec((cfg.cta_n, c * BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
+            plgpu.BlockSpec((c, cfg.cta_m), lambda kk: (first + kk, 0)),
+            plgpu.BlockSpec((c, cfg.cta_n), lambda kk: (first + kk, 0)),
         ],
         wg_axis="wg",
         num_compute_wgs=cfg.num_compute_wgs,
@@ -165,6 +181,28 @@ def _promote_step(cfg: Config, wg_idx, sb_blocked: bool):
 
     def cols(x, start):  # `chunk` columns of a register array
         return lax.slice(x, (0, start), (wg_m, start + chunk)) if chunk < x.shape[1] else x
+
+    def chunked_step(_, a_smem, b_smem, sa_smem, sb_smem, acc):
+        """k_chunks 128-K chunks per step (sb_blocked, one WGMMA per chunk): every chunk's WGMMA
+        into its own partial first, then each partial promoted as soon as its WGMMA is done
+        (wgmma_accumulator_load's wait_n), while the later chunks' WGMMAs still run."""
+        a_wg = a_smem.at[wg_rows] if split_m else a_smem
+        b_wg = b_smem if split_m else b_smem.at[wg_cols]
+        c = cfg.k_chunks
+
+        def products(*partial_refs):
+            for i, ref in enumerate(partial_refs):
+                ks = pl.ds(i * BLOCK_K, BLOCK_K)
+                plgpu.wgmma(ref, a_wg.at[:, ks], b_wg.at[:, ks].transpose((1, 0)))
+            scales = [plgpu.load(sa_smem.at[i, wg_rows], layout=plgpu.Layout.WGMMA.reduce(1))
+                      * sb_smem[i, wg_cols.start] for i in range(c)]
+            out = acc
+            for i, ref in enumerate(partial_refs):
+                partial = plgpu.wgmma_accumulator_load(ref, wait_n=c - 1 - i)
+                out = out + partial * lax.broadcast_in_dim(scales[i], (wg_m, wg_n), [0])
+            return out
+
+        return pl.run_scoped(products, *[plgpu.ACC((wg_m, wg_n), jnp.float32) for _ in range(c)])
 
     def step(_, a_smem, b_smem, sa_smem, sb_smem, acc):
         a_wg = a_smem.at[wg_rows] if split_m else a_smem
@@ -202,7 +240,7 @@ def _promote_step(cfg: Config, wg_idx, sb_blocked: bool):
                 sums.append(cols(acc, first + c) + scaled)
         return lax.concatenate(sums, 1) if len(sums) > 1 else sums[0]
 
-    return step
+    return chunked_step if cfg.k_chunks > 1 else step
 
 
 def _zero_acc(cfg: Config):
@@ -228,11 +266,11 @@ def _launch(body, out_shape, out_dtype, cfg: Config, interpret, num_ctas):
 
 def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Config, sb_blocked: bool,
                     interpret, num_ctas):
-    """The kernel on aligned operands: M % cta_m == N % cta_n == K % 128 == 0."""
+    """The kernel on aligned operands: M % cta_m == N % cta_n == K % (128 k_chunks) == 0."""
     m, k = a_MK.shape
     n = b_GNK.shape[1]
     cta_m, cta_n, wg_m, wg_n = cfg.cta_m, cfg.cta_n, cfg.wg_m, cfg.wg_n
-    m_tiles, n_tiles, k_iters = sched_4S.shape[1], n // cta_n, k // BLOCK_K
+    m_tiles, n_tiles, k_iters = sched_4S.shape[1], n // cta_n, k // (BLOCK_K * cfg.k_chunks)
     split_m = cfg.wg_dim == "m"
     ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
 
@@ -317,7 +355,8 @@ def m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype=jnp.
     qa [M, K], qb [G, N, K] float8_e4m3fn (K-major), sa [M, ceil(K/128)], sb [G, ceil(K/128), N]
     float32, group_sizes [G] int (sum <= M). sb_blocked=True promises sb constant over each
     128-column block. covered=True skips the zeroing select (the caller has no row past
-    the groups, or never reads those rows: they are then garbage). `interpret` and `num_ctas` as in kernel.block_scaled_matmul (testing).
+    the groups, or never reads those rows: they are then garbage). `interpret` and `num_ctas` as in
+    kernel.block_scaled_matmul (testing).
     """
     cfg = config or M_GROUPED
     check_config(cfg, out_dtype, sb_blocked)
@@ -325,10 +364,11 @@ def m_grouped_matmul(qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G, out_dtype=jnp.
         raise ValueError(f"m_grouped_matmul cannot take these operands: {reason}")
     m, n = qa_MK.shape[0], qb_GNK.shape[1]
     group_sizes_G = group_sizes_G.astype(jnp.int32)
-    a = _pad_to(_pad_to(qa_MK, 1, BLOCK_K), 0, cfg.cta_m)  # zero q adds nothing
-    b = _pad_to(_pad_to(qb_GNK, 2, BLOCK_K), 1, cfg.cta_n)
-    sa_JM = _pad_to(sa_MJ.astype(jnp.float32).T, 1, cfg.cta_m)
-    sb = _pad_to(sb_GJN.astype(jnp.float32), 2, cfg.cta_n)
+    c = cfg.k_chunks  # K padded to whole steps: zero q (and zero scales) add nothing
+    a = _pad_to(_pad_to(qa_MK, 1, c * BLOCK_K), 0, cfg.cta_m)
+    b = _pad_to(_pad_to(qb_GNK, 2, c * BLOCK_K), 1, cfg.cta_n)
+    sa_JM = _pad_to(_pad_to(sa_MJ.astype(jnp.float32).T, 0, c), 1, cfg.cta_m)
+    sb = _pad_to(_pad_to(sb_GJN.astype(jnp.float32), 1, c), 2, cfg.cta_n)
     sched = m_tile_schedule(group_sizes_G, a.shape[0], cfg.cta_m)
     y = _m_grouped_call(sched, a, b, sa_JM, sb, jnp.dtype(out_dtype), cfg, sb_blocked, interpret, num_ctas)
     y = y[:m, :n]

@@ -82,6 +82,9 @@ class Config:
     stages: int = 4  # pipeline stages in shared memory (each: (cta_m + cta_n) * 128 B + scales)
     grid_tile_width: int = 4  # planar-snake band width (in output tiles along N)
     semantics: str = "lane"  # plgpu.LoweringSemantics: "lane" | "warpgroup"
+    # 128-K chunks per pipeline step, each WGMMA'd into its own partial: with 2, a warpgroup promotes
+    # the first while the second runs (grouped_kernel.py's M-grouped kernel only)
+    k_chunks: int = 1
 
     @property
     def wg_m(self) -> int:
@@ -95,8 +98,9 @@ class Config:
 
     @classmethod
     def parse(cls, spec: str) -> Config:
-        """A config from its compact spec `CTA_MxCTA_N[.wg_dim[.stages[.grid_tile_width[.lane|wg]]]]`,
-        e.g. "128x192.m.3.8.wg"; fields left out keep their defaults. Not checked: call `check`."""
+        """A config from its compact spec `CTA_MxCTA_N[.wg_dim[.stages[.grid_tile_width[.lane|wg[.kC]]]]]`,
+        e.g. "128x192.m.3.8.wg" or "128x128.m.2.4.lane.k2" (C = k_chunks); fields left out keep their
+        defaults. Not checked: call `check`."""
         fields = spec.split(".")
         try:
             cta_m, cta_n = (int(v) for v in fields[0].split("x"))
@@ -110,17 +114,22 @@ class Config:
             if len(fields) > 4:
                 kwargs["semantics"] = cls._SEMANTICS_SPEC[fields[4]]
             if len(fields) > 5:
+                if not fields[5].startswith("k"):
+                    raise ValueError(f"{fields[5]!r} is not kC")
+                kwargs["k_chunks"] = int(fields[5][1:])
+            if len(fields) > 6:
                 raise ValueError("too many fields")
         except (ValueError, KeyError) as e:
             raise ValueError(f"config spec {spec!r} is not CTA_MxCTA_N[.m|n[.stages[.grid_tile_width"
-                             f"[.lane|wg]]]] ({e})") from None
+                             f"[.lane|wg[.kC]]]]] ({e})") from None
         return cls(**kwargs)
 
     @property
     def spec(self) -> str:
         """The compact spec `parse` reads (num_compute_wgs is not part of it)."""
         semantics = {v: k for k, v in self._SEMANTICS_SPEC.items()}[self.semantics]
-        return f"{self.cta_m}x{self.cta_n}.{self.wg_dim}.{self.stages}.{self.grid_tile_width}.{semantics}"
+        chunks = "" if self.k_chunks == 1 else f".k{self.k_chunks}"
+        return f"{self.cta_m}x{self.cta_n}.{self.wg_dim}.{self.stages}.{self.grid_tile_width}.{semantics}{chunks}"
 
     @property
     def compute_registers(self) -> int:
@@ -133,11 +142,12 @@ class Config:
     def registers(self, scale_columns: int = 0, partial_columns: int | None = None) -> int:
         """Estimated registers per compute thread in the K loop: the float32 accumulator (a thread
         holds wg_m * wg_n / 128 of it), the fresh partial of `partial_columns` (default wg_n) columns
-        the WGMMA writes (grouped_kernel.py may issue a warpgroup's tile as column slices),
+        the WGMMA writes (grouped_kernel.py may issue a warpgroup's tile as column slices; one per
+        k_chunk),
         `scale_columns` per-column scales live at once (WGMMA's column layout gives a thread 2 of every
         8 columns: one register per 4) and REGISTER_HEADROOM."""
         partial_columns = self.wg_n if partial_columns is None else partial_columns
-        return (self.wg_m * (self.wg_n + partial_columns) // 128 + scale_columns // 4
+        return (self.wg_m * (self.wg_n + self.k_chunks * partial_columns) // 128 + scale_columns // 4
                 + REGISTER_HEADROOM)
 
     def check(self, scale_columns: int = 0, partial_columns: int | None = None):
@@ -147,6 +157,8 @@ class Config:
             raise ValueError(f"wg_dim {self.wg_dim!r} is not 'm' or 'n'")
         if self.semantics not in ("lane", "warpgroup"):
             raise ValueError(f"semantics {self.semantics!r} is not 'lane' or 'warpgroup'")
+        if self.k_chunks not in (1, 2):
+            raise ValueError(f"k_chunks {self.k_chunks} is not 1 or 2")
         split = self.cta_m if self.wg_dim == "m" else self.cta_n
         if split % self.num_compute_wgs:
             raise ValueError(f"{self} does not split evenly between warpgroups")
@@ -162,13 +174,14 @@ class Config:
                 f"{self}: a warpgroup tile of wg_m x wg_n = {self.wg_m} x {self.wg_n} (cta_m={self.cta_m}, "
                 f"cta_n={self.cta_n} split along wg_dim={self.wg_dim!r} between num_compute_wgs="
                 f"{self.num_compute_wgs}) needs ~{regs} registers per thread (accumulator "
-                f"{self.wg_m * self.wg_n // 128}, partial of {partial_columns} columns "
-                f"{self.wg_m * partial_columns // 128}, {scale_columns // 4} for {scale_columns} column "
+                f"{self.wg_m * self.wg_n // 128}, {self.k_chunks} partial(s) of {partial_columns} columns "
+                f"{self.wg_m * partial_columns // 128} each, {scale_columns // 4} for {scale_columns} column "
                 f"scales, {REGISTER_HEADROOM} headroom) > the {self.compute_registers} a compute warpgroup gets")
 
     def smem_bytes(self, out_dtype) -> int:
-        """Shared memory: the pipeline stages (fp8 tiles and f32 scale vectors) + the output tile."""
-        stage = (self.cta_m + self.cta_n) * BLOCK_K + 4 * (self.cta_m + self.cta_n)
+        """Shared memory: the pipeline stages (fp8 tiles and f32 scale vectors of k_chunks 128-K
+        chunks each) + the output tile."""
+        stage = ((self.cta_m + self.cta_n) * BLOCK_K + 4 * (self.cta_m + self.cta_n)) * self.k_chunks
         return self.stages * stage + self.cta_m * self.cta_n * jnp.dtype(out_dtype).itemsize + SMEM_SLACK
 
 
@@ -350,6 +363,8 @@ def block_scaled_matmul(qa_MK, sa_MJ, qb_NK, sb_JN, out_dtype=jnp.float32, confi
     """
     cfg = config or (BLOCKED if sb_blocked else DEFAULT)
     cfg.check()
+    if cfg.k_chunks != 1:
+        raise ValueError(f"{cfg}: block_scaled_matmul takes one 128-K chunk per step (k_chunks=1)")
     if (smem := cfg.smem_bytes(out_dtype)) > SMEM_LIMIT:
         raise ValueError(f"{cfg} with {jnp.dtype(out_dtype).name} output needs ~{smem} B of shared memory "
                          f"(> {SMEM_LIMIT}); use fewer stages")
