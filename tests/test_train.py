@@ -92,6 +92,17 @@ def test_no_recompilation_after_first_step():
             state, _ = step(state, global_batch(mesh, train_setup.random_batch(i)))
 
 
+def test_the_installed_jaxlib_knows_the_training_xla_options():
+    """xla_options.TRAINING names only DebugOptions fields this jaxlib has (jax rejects others): a
+    jaxlib that drops one fails here by name, before every train step fails."""
+    from dsjax import xla_options
+
+    for name, value in xla_options.TRAINING.items():
+        jax.jit(lambda x: x + 1, compiler_options={name: value}).trace(1.0).lower().compile()
+    with pytest.raises(Exception, match="xla_gpu_no_such_option"):
+        jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_no_such_option": True}).trace(1.0).lower().compile()
+
+
 def test_bias_update_balances_a_skewed_router():
     """A router whose kernel favours a few experts, fed skewed tokens: γ > 0 evens the load out."""
     c = replace(ModelConfig(hidden_size=16), **{"moe.n_routed_experts": 8, "moe.n_group": 2, "moe.topk_group": 2,
