@@ -11,8 +11,9 @@ such an initializer by an uninitialized allocation when it proves that the loop 
 before reading it (a known trip count, slot i written at iteration i, ascending or descending), so
 nothing can read the skipped zeros. With it, the same step's fills are gone and both losses match
 the runs without it to the digits printed. It is a DebugOptions field: other backends ignore it,
-and jax rejects an option name the installed jaxlib does not know, so every compiled train step in
-the test suite checks that the name exists.
+and jax rejects an option name the installed jaxlib does not know (tests/test_train.py checks each).
+jax takes compiler options on top-level jits only: to trace a train step inside another jit, jit
+`train.step.train_step` yourself.
 """
 
 TRAINING = {"xla_gpu_enable_dus_accumulator_zero_init_elimination": True}
