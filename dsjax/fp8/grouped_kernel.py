@@ -44,8 +44,9 @@ On one H200 (2026-11-29, scripts/check_fp8_grouped.py --configs=sweep) 128 x 192
 the reference but run slower than 128 x 128 on small.py's up GEMM (BENCHMARKS.md), so the defaults stay.
 
 Two chunks per step (`Config.k_chunks=2`, M-grouped only; spec suffix ".k2", e.g.
-128x128.m.2.4.lane.k2: two stages of 256-K tiles fill what four 128-K stages did): a warpgroup
-issues both chunks' WGMMAs into two partials, then promotes the first while the second still runs
+128x128.m.2.4.lane.k2: two stages of two 128-K tiles per operand fill what four 128-K stages did;
+each chunk is its own tile, in the same shape and swizzle as with one): a warpgroup issues both
+chunks' WGMMAs into two partials, then promotes the first while the second still runs
 (`wgmma_accumulator_load(wait_n=1)`; Pallas commits one WGMMA group per call). With one chunk per
 step each promotion waits for its own WGMMA and both warpgroups reach it together, which may leave
 the tensor cores idle through it: the suspect for the K = 2048 shapes (16 promotions per tile) where
@@ -143,17 +144,22 @@ def check_config(cfg: Config, out_dtype, sb_blocked: bool):
 
 def _pipeline(cfg: Config, num_steps, step, compute_context, first=0):
     """kernel.py's warp-specialized K pipeline over `num_steps` steps of C = k_chunks 128-chunks,
-    from step `first`: a [cta_m, 128 C], b [cta_n, 128 C] (fp8, swizzled), sa [C, cta_m] and
-    sb [C, cta_n] per step."""
+    from step `first`. Per step: C tiles a [cta_m, 128] and C tiles b [cta_n, 128] (fp8, swizzled;
+    each chunk its own tile, as with one chunk per step), then sa [C, cta_m] and sb [C, cta_n]. Call
+    it (and get_allocations) with `_operands`."""
     fp8_transforms = _fp8_transforms()
     c = cfg.k_chunks
+
+    def tile(rows, i):  # chunk i of step kk: the 128-K block c (first + kk) + i
+        return plgpu.BlockSpec((rows, BLOCK_K), lambda kk: (0, c * (first + kk) + i), transforms=fp8_transforms)
+
     return plgpu.emit_pipeline_warp_specialized(
         step,
         grid=(num_steps,),
         memory_registers=MEMORY_REGISTERS,
         in_specs=[
-            plgpu.BlockSpec((cfg.cta_m, c * BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
-            plgpu.BlockSpec((cfg.cta_n, c * BLOCK_K), lambda kk: (0, first + kk), transforms=fp8_transforms),
+            *(tile(cfg.cta_m, i) for i in range(c)),
+            *(tile(cfg.cta_n, i) for i in range(c)),
             plgpu.BlockSpec((c, cfg.cta_m), lambda kk: (first + kk, 0)),
             plgpu.BlockSpec((c, cfg.cta_n), lambda kk: (first + kk, 0)),
         ],
@@ -162,6 +168,11 @@ def _pipeline(cfg: Config, num_steps, step, compute_context, first=0):
         max_concurrent_steps=cfg.stages,
         compute_context=compute_context,
     )
+
+
+def _operands(cfg: Config, a, b, sa, sb) -> tuple:
+    """The pipeline's inputs: a and b once per chunk of a step (`_pipeline`'s in_specs)."""
+    return (a,) * cfg.k_chunks + (b,) * cfg.k_chunks + (sa, sb)
 
 
 def _promote_step(cfg: Config, wg_idx, sb_blocked: bool):
@@ -182,18 +193,18 @@ def _promote_step(cfg: Config, wg_idx, sb_blocked: bool):
     def cols(x, start):  # `chunk` columns of a register array
         return lax.slice(x, (0, start), (wg_m, start + chunk)) if chunk < x.shape[1] else x
 
-    def chunked_step(_, a_smem, b_smem, sa_smem, sb_smem, acc):
+    def chunked_step(_, *refs):
         """k_chunks 128-K chunks per step (sb_blocked, one WGMMA per chunk): every chunk's WGMMA
         into its own partial first, then each partial promoted as soon as its WGMMA is done
         (wgmma_accumulator_load's wait_n), while the later chunks' WGMMAs still run."""
-        a_wg = a_smem.at[wg_rows] if split_m else a_smem
-        b_wg = b_smem if split_m else b_smem.at[wg_cols]
         c = cfg.k_chunks
+        a_smems, b_smems, (sa_smem, sb_smem, acc) = refs[:c], refs[c:2 * c], refs[2 * c:]
 
         def products(*partial_refs):
-            for i, ref in enumerate(partial_refs):
-                ks = pl.ds(i * BLOCK_K, BLOCK_K)
-                plgpu.wgmma(ref, a_wg.at[:, ks], b_wg.at[:, ks].transpose((1, 0)))
+            for ref, a_smem, b_smem in zip(partial_refs, a_smems, b_smems):
+                a_wg = a_smem.at[wg_rows] if split_m else a_smem
+                b_wg = b_smem if split_m else b_smem.at[wg_cols]
+                plgpu.wgmma(ref, a_wg, b_wg.transpose((1, 0)))
             scales = [plgpu.load(sa_smem.at[i, wg_rows], layout=plgpu.Layout.WGMMA.reduce(1))
                       * sb_smem[i, wg_cols.start] for i in range(c)]
             out = acc
@@ -275,8 +286,8 @@ def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Confi
     ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
 
     def body(sched_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem):
-        allocs = _pipeline(cfg, k_iters, ignore, ignore).get_allocations(a_gmem, b_gmem.at[0], sa_gmem,
-                                                                         sb_gmem.at[0])
+        allocs = _pipeline(cfg, k_iters, ignore, ignore).get_allocations(
+            *_operands(cfg, a_gmem, b_gmem.at[0], sa_gmem, sb_gmem.at[0]))
 
         # Unswizzled output tiles: the ladder below stores from any row.
         @functools.partial(pl.run_scoped, pipeline_allocs=allocs,
@@ -317,10 +328,10 @@ def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Confi
                 @pl.when(rows > 0)
                 def _run():
                     _pipeline(cfg, k_iters, step, compute_context)(
-                        a_gmem.at[pl.ds(block * cta_m, cta_m), :],
-                        b_gmem.at[group, pl.ds(ni * cta_n, cta_n), :],
-                        sa_gmem.at[:, pl.ds(block * cta_m, cta_m)],
-                        sb_gmem.at[group, :, pl.ds(ni * cta_n, cta_n)],
+                        *_operands(cfg, a_gmem.at[pl.ds(block * cta_m, cta_m), :],
+                                   b_gmem.at[group, pl.ds(ni * cta_n, cta_n), :],
+                                   sa_gmem.at[:, pl.ds(block * cta_m, cta_m)],
+                                   sb_gmem.at[group, :, pl.ds(ni * cta_n, cta_n)]),
                         allocations=pipeline_allocs,
                     )
 
