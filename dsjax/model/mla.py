@@ -16,6 +16,9 @@ One module, two ways to run it, selected by how it is called:
   layers' entries into the cache in place (`write_entries`), so the scan over layers never copies
   the stacked cache.
 
+W_DQ and [W_DKV | W_KR] both read x: with q_lora_rank set they run as one GEMM
+(`layers.fused_matmul`; their kernels stay separate parameters, q_a and kv_a, as in the checkpoints).
+
 Masks: causal within a row plus equal segment ids (packed rows never attend across documents);
 with a cache, a slot is visible to a query iff it holds a token (position >= 0) whose position
 is <= the query's.
