@@ -267,8 +267,9 @@ def weight_blocks(ws_GKN: tuple, backend: str, round_to: Optional[str] = None) -
     if backend == "pallas_gpu" and all(weight_unfit_reason(w) is None for w in ws_GKN):
         return quantize_weight_blocks(*ws_GKN, round_to=round_to)
     w_GKN = ws_GKN[0] if len(ws_GKN) == 1 else jnp.concatenate(ws_GKN, axis=2)
-    if round_to is not None:
-        w_GKN = w_GKN.astype(round_to)
+    if round_to is not None:  # the barrier keeps the rounding: with excess precision allowed (XLA's
+        # default) XLA:GPU may drop a float32 -> bf16 -> float32 round trip inside a fusion
+        w_GKN = jax.lax.optimization_barrier(w_GKN.astype(round_to))
     q_GKN, s_GJL = quantize_blocks(w_GKN, (BLOCK, BLOCK))
     return WeightBlocks(q_GKN, q_GKN.transpose(0, 2, 1), s_GJL)
 
