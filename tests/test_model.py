@@ -246,36 +246,6 @@ def test_cudnn_packed_runs_from_segment_ids():
     assert bool(fits)
 
 
-@pytest.mark.parametrize("fp8", ["none", "block"])
-def test_fused_projections_equal_separate_ones(fp8):
-    """layers.fused_matmul (MLA's q_a | kv_a as one GEMM) equals one GEMM per kernel: outputs and
-    every gradient. In FP8 block mode x's 1x128 tiles are the same, and with the first kernel 128
-    wide the 128x128 weight blocks are too (the second's last block is partial either way)."""
-    from dsjax.model.layers import fused_matmul, matmul
-
-    config = replace(presets.load("tiny").model, fp8=fp8)
-    keys = jax.random.split(jax.random.key(3), 4)
-    x = jax.random.normal(keys[0], (2, 96, 256))
-    w1, w2 = jax.random.normal(keys[1], (256, 128)) * 0.1, jax.random.normal(keys[2], (256, 72)) * 0.1
-    ct1, ct2 = jax.random.normal(keys[3], (2, 96, 128)), jax.random.normal(keys[3], (2, 96, 72)) * 2
-
-    def loss(fn, x, w1, w2):
-        y1, y2 = fn(x, w1, w2)
-        return (y1 * ct1).sum() + (y2 * ct2).sum(), (y1, y2)
-
-    def separate(x, w1, w2):
-        return tuple(matmul(x.reshape(-1, 256), w, config).reshape(2, 96, -1) for w in (w1, w2))
-
-    def fused(x, w1, w2):
-        return tuple(fused_matmul(x, (w1, w2), config))
-
-    (_, ys), gs = jax.value_and_grad(lambda *a: loss(separate, *a), argnums=(0, 1, 2), has_aux=True)(x, w1, w2)
-    (_, yf), gf = jax.value_and_grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2), has_aux=True)(x, w1, w2)
-    for a, b in zip(yf + gf, ys + gs):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
 def test_fp8_block_runs_the_expert_gemms_in_fp8():
     """fp8 'block' reaches the routed experts: their three grouped GEMMs take E4M3 operands (the
     output is within FP8 error of, and not equal to, the compute-dtype experts': one E4M3 GEMM with

@@ -6,8 +6,8 @@ With fp8 "block" each MoE layer's grouped GEMMs take [w_gate | w_up] and w_down 
 blocks in both K-major orientations (`quantize_kernel.WeightBlocks`). Made inside the layer they are
 a residual of the forward that the backward reads, and a layer scan stacks every residual into
 [L, ...] buffers that it first fills with zeros (jax's scan allocates stacked outputs with
-lax.empty, which lowers to zeros) and then writes layer by layer: 3.9 GB of weight blocks per
-configs/small.py step (BENCHMARKS.md, FP8). Made here, before the scan, in one call per stack, they
+lax.empty, which lowers to zeros; on GPU train steps now skip the fill, dsjax/xla_options.py) and
+then writes layer by layer: 3.9 GB of weight blocks per configs/small.py step (BENCHMARKS.md, FP8). Made here, before the scan, in one call per stack, they
 enter the scan as a scanned input, which jax's scan hands to the backward as it is (its partial
 evaluation forwards residuals that are slices of xs instead of stacking them): no zero fill, no
 copy, and each weight is quantized once per step as before. On one H200 (2026-11-29,

@@ -1,5 +1,4 @@
-"""Building blocks: RMSNorm, Dense with a pluggable (FP8-capable) matmul, fused projections, SwiGLU,
-embedding.
+"""Building blocks: RMSNorm, Dense with a pluggable (FP8-capable) matmul, SwiGLU, embedding.
 
 RMSNorm runs in float32 (DeepSeek-V3 §3.3.1 keeps norms out of low precision). Dense kernels are
 stored as [in..., out...] with logical axis names for every dim; the matmul goes through
@@ -19,7 +18,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from dsjax import fp8
@@ -60,15 +58,6 @@ def matmul(x_NK, w_KM, config: ModelConfig, *, island: bool = False, out_dtype=N
     return y_NM if mode == "none" else saved(y_NM, SAVED_GEMM)  # a plain dot is saved by the dot policies
 
 
-def kernel_param(module: nn.Module, in_shape, out_shape, names, config: ModelConfig):
-    """`module`'s "kernel" parameter [*in_shape, *out_shape] (logical axis `names`), returned as a
-    [K, M] matrix in the compute dtype."""
-    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-    kernel = module.param("kernel", nn.with_logical_partitioning(init_normal(config), tuple(names)),
-                          in_shape + out_shape, dtype_of(config.param_dtype))
-    return kernel.reshape(math.prod(in_shape), math.prod(out_shape)).astype(dtype_of(config.dtype))
-
-
 class Dense(nn.Module):
     """A bias-free projection contracting the last `len(in_shape)` dims of x with a kernel
     [*in_shape, *out_shape]; `names` are the logical axis names of the kernel's dims."""
@@ -82,39 +71,15 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        w_KM = kernel_param(self, self.in_shape, self.out_shape, self.names, self.config)
-        lead = x.shape[: x.ndim - len(self.in_shape)]
-        x_NK = x.reshape(lead + (w_KM.shape[0],)).astype(dtype_of(self.config.dtype))
+        in_shape, out_shape = tuple(self.in_shape), tuple(self.out_shape)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init_normal(self.config), tuple(self.names)),
+                            in_shape + out_shape, dtype_of(self.config.param_dtype))
+        lead = x.shape[: x.ndim - len(in_shape)]
+        x_NK = x.reshape(lead + (math.prod(in_shape),)).astype(dtype_of(self.config.dtype))
+        w_KM = kernel.reshape(math.prod(in_shape), math.prod(out_shape)).astype(dtype_of(self.config.dtype))
         y_NM = matmul(x_NK, w_KM, self.config, island=self.island,
                       out_dtype=dtype_of(self.out_dtype) if self.out_dtype else None)
-        return y_NM.reshape(lead + tuple(self.out_shape))
-
-
-class Kernel(nn.Module):
-    """A Dense's kernel alone (the same parameter, path and init) as [K, M], for `fused_matmul`."""
-
-    in_shape: Sequence[int]
-    out_shape: Sequence[int]
-    names: Sequence[str]
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self):
-        return kernel_param(self, self.in_shape, self.out_shape, self.names, self.config)
-
-
-def fused_matmul(x, ws_KM: Sequence, config: ModelConfig) -> list:
-    """[x @ w for w in ws] (x [..., K], each w [K, M_i]) as one GEMM over the kernels concatenated
-    along their outputs: one read of x, and with FP8 one quantization of x and one saved operand.
-    Their output axes must be unsharded (a concatenation along a sharded axis would reshuffle the
-    weights every step), and with fp8 "block" every kernel but the last should have a multiple of
-    128 outputs, so that the 128x128 weight blocks are those of the kernels apart (fp8 "tensor", the
-    comparison mode, then takes one scale for all)."""
-    w_KM = jnp.concatenate(ws_KM, axis=1)
-    lead = x.shape[:-1]
-    y_NM = matmul(x.reshape(-1, w_KM.shape[0]).astype(w_KM.dtype), w_KM, config)
-    ends = np.cumsum([w.shape[1] for w in ws_KM[:-1]]).tolist()
-    return [y.reshape(lead + (y.shape[-1],)) for y in jnp.split(y_NM, ends, axis=-1)]
+        return y_NM.reshape(lead + out_shape)
 
 
 class SwiGLU(nn.Module):

@@ -16,9 +16,6 @@ One module, two ways to run it, selected by how it is called:
   layers' entries into the cache in place (`write_entries`), so the scan over layers never copies
   the stacked cache.
 
-W_DQ and [W_DKV | W_KR] both read x: with q_lora_rank set they run as one GEMM
-(`layers.fused_matmul`; their kernels stay separate parameters, q_a and kv_a, as in the checkpoints).
-
 Masks: causal within a row plus equal segment ids (packed rows never attend across documents);
 with a cache, a slot is visible to a query iff it holds a token (position >= 0) whose position
 is <= the query's.
@@ -34,7 +31,7 @@ from flax import linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.model import cudnn_attention, decode_attention, rope
-from dsjax.model.layers import Dense, Kernel, RMSNorm, dtype_of, fused_matmul, init_normal, matmul
+from dsjax.model.layers import Dense, RMSNorm, dtype_of, init_normal, matmul
 
 NEG_INF = -1e30
 
@@ -112,16 +109,14 @@ class MLA(nn.Module):
 
         if m.q_lora_rank is None:
             q_BTHX = Dense((d,), (h, k + r), ("embed", "heads", "head_dim"), c, name="q")(x_BTD)
-            kv_BTX = Dense((d,), (lat + r,), ("embed", "kv_lora"), c, name="kv_a")(x_BTD)
-        else:  # q_a and kv_a read the same x: one GEMM (both output axes unsharded)
-            w_qa_DQ = Kernel((d,), (m.q_lora_rank,), ("embed", "q_lora"), c, name="q_a")()
-            w_kva_DX = Kernel((d,), (lat + r,), ("embed", "kv_lora"), c, name="kv_a")()
-            q_lat_BTQ, kv_BTX = fused_matmul(x_BTD, (w_qa_DQ, w_kva_DX), c)
+        else:
+            q_lat_BTQ = Dense((d,), (m.q_lora_rank,), ("embed", "q_lora"), c, name="q_a")(x_BTD)
             q_lat_BTQ = RMSNorm(m.q_lora_rank, c, name="q_a_norm")(q_lat_BTQ)
             q_BTHX = Dense((m.q_lora_rank,), (h, k + r), ("q_lora", "heads", "head_dim"), c, name="q_b")(q_lat_BTQ)
         q_BTHX = nn.with_logical_constraint(q_BTHX, ("batch", "length", "heads", "head_dim"))
         q_nope_BTHK, q_rope_BTHR = q_BTHX[..., :k], q_BTHX[..., k:]
 
+        kv_BTX = Dense((d,), (lat + r,), ("embed", "kv_lora"), c, name="kv_a")(x_BTD)
         c_kv_BTC = RMSNorm(lat, c, name="kv_a_norm")(kv_BTX[..., :lat])
         cos, sin = rope.cos_sin(positions_BT, c)
         q_rope_BTHR = rope.apply_rope(q_rope_BTHR, cos, sin, c.rope.interleave)
