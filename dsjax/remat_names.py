@@ -8,6 +8,9 @@ layer would re-run them in the backward pass. dsjax names what should be kept in
                   128x128 blocks (E4M3 bytes and float32 scales), made once in the forward; kept,
                   they spare the backward pass re-quantizing x (a fused pass over the activation)
                   and w (a pass over the weights) — at 1 byte per element, half a bf16 copy
+    EXCHANGED     the rows (and routing metadata) an expert-parallel dispatch received from its
+                  all-to-all: kept, the backward pass does not repeat the exchange to rebuild the
+                  grouped GEMMs' inputs (S·N·D per MoE layer and device)
 
 `saved` puts an optimization barrier before the name. XLA:GPU's dynamic-slice-fusion-rewriter-v2
 otherwise clones the kernel call that produces a saved value into the fusion that writes it into
@@ -23,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 SAVED_GEMM = "saved_gemm"
 FP8_OPERANDS = "fp8_operands"
+EXCHANGED = "exchanged"
 
 
 def saved(tree, name: str):

@@ -23,14 +23,14 @@ from dsjax.model.fp8_weights import FP8_COLLECTION
 from dsjax.model.layers import RMSNorm, SwiGLU
 from dsjax.model.mla import MLA, CacheView, LayerCache
 from dsjax.model.moe import MoE
-from dsjax.remat_names import FP8_OPERANDS, SAVED_GEMM
+from dsjax.remat_names import EXCHANGED, FP8_OPERANDS, SAVED_GEMM
 
-_SAVE_NAMED = jax.checkpoint_policies.save_only_these_names(SAVED_GEMM, FP8_OPERANDS)
+_SAVE_NAMED = jax.checkpoint_policies.save_only_these_names(SAVED_GEMM, FP8_OPERANDS, EXCHANGED)
 
 
 def _save_kernels(prim, *args, **params) -> bool:
     """The custom kernels' forward outputs: values named in dsjax.remat_names (expert grouped GEMMs,
-    FP8 GEMMs and their quantized operands) and cuDNN flash attention (its output and softmax statistics, the residuals its backward needs;
+    FP8 GEMMs and their quantized operands, expert-parallel received rows) and cuDNN flash attention (its output and softmax statistics, the residuals its backward needs;
     a few MB per layer against re-running the attention forward)."""
     return prim.name.startswith("dot_product_attention_fwd") or _SAVE_NAMED(prim, *args, **params)
 

@@ -24,10 +24,13 @@ shards, E_l = E / S local experts, top-k:
    never zeroed inside the grouped GEMMs (ffn_grouped's past_groups="unread"); the combine and the
    gather's gradient select the real pairs instead, so no extra pass runs over the worst-case
    buffer. Every other pass over it (the gather, the SwiGLU, the combine) still costs
-   S·N·min(k, E_l) rows, S times a balanced device's N·k: the likely reason expert = 4 scales
-   worse than expert = 2 (BENCHMARKS.md). config.moe.ep_pair_capacity = c > 0 bounds the buffer
-   at ceil(c·N·k) pairs instead: the first pairs in arrival order (source shard, then token) are
-   kept, the rest dropped and counted, as capacity dispatch counts its drops.
+   S·N·min(k, E_l) rows, S times a balanced device's N·k: why dropless expert = 4 scales worse
+   than expert = 2 (configs/small.py on 4 H200s: 67.8% per GPU). config.moe.ep_pair_capacity =
+   c > 0 bounds the buffer at ceil(c·N·k) pairs instead: the first pairs in arrival order (source
+   shard, then token) are kept, the rest dropped and counted, as capacity dispatch counts its drops
+   (c = 2: 81.6%, no measurable drops; BENCHMARKS.md). The received rows are named
+   `remat_names.EXCHANGED`, so a remat'd layer keeps them and its backward pass does not repeat the
+   exchange (S·N·D per layer and device in memory; 4 all-to-alls per MoE layer, not 5).
 4. Combine. The reverse exchange, a sum over shards, and a psum over 'tensor': each tensor shard
    holds a slice of F, so its down projection is a partial sum (SwiGLU is elementwise in F).
 
@@ -54,6 +57,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from dsjax.config import ModelConfig
 from dsjax.fp8.quantize_kernel import WeightBlocks
 from dsjax.model import dispatch
+from dsjax.remat_names import EXCHANGED, saved
 from dsjax.sharding import BATCH
 
 EXPERT = "expert"
@@ -171,7 +175,7 @@ def _exchange_fixed(x_ND1, meta_NSX, to_NS, experts):
     send_RD = jnp.take(x_ND1, src_R, axis=0)
     send_RX = meta_NSX[src_R, jnp.arange(s * n) // n]
     a2a = functools.partial(jax.lax.all_to_all, axis_name=EXPERT, split_axis=0, concat_axis=0, tiled=True)
-    out_RD, dropped = experts(a2a(send_RD), a2a(send_RX))
+    out_RD, dropped = experts(*saved((a2a(send_RD), a2a(send_RX)), EXCHANGED))
     back_RD = a2a(out_RD.astype(x_ND1.dtype)).astype(jnp.float32)
     return jax.ops.segment_sum(back_RD, src_R, num_segments=n + 1)[:n], dropped
 
@@ -196,7 +200,7 @@ def _exchange_ragged(x_ND1, meta_NSX, to_NS, experts, empty_X, max_shards_per_to
                      send_offsets_S, send_sizes_S, there_S, recv_sizes_S)
     recv_RX = ragged(meta_NSX[src_P, dst_P], jnp.broadcast_to(empty_X, (s * n, empty_X.shape[0])),
                      send_offsets_S, send_sizes_S, there_S, recv_sizes_S)
-    out_RD, dropped = experts(recv_RD, recv_RX)
+    out_RD, dropped = experts(*saved((recv_RD, recv_RX), EXCHANGED))
     back_PD = ragged(out_RD.astype(x_ND1.dtype), jnp.zeros((p, x_ND1.shape[1]), x_ND1.dtype),
                      chunk_offsets_S, recv_sizes_S, a2a(send_offsets_S), send_sizes_S)
     return jax.ops.segment_sum(back_PD.astype(jnp.float32), src_P, num_segments=n + 1)[:n], dropped
