@@ -346,7 +346,7 @@ def compiled(config: Config, mesh, xla_layout: bool = True) -> Compiled:
     in_shardings = (shardings.params, shardings.router, {k: x.sharding for k, x in batch.items()})
 
     def grads_fn(out_shardings):
-        return jax.jit(lambda p, r, b: loss_and_grads(config, p, r, b)[3], in_shardings=in_shardings,
+        return jax.jit(lambda p, r, b: loss_and_grads(config, p, r, b).grads, in_shardings=in_shardings,
                        out_shardings=out_shardings)
 
     with jax.set_mesh(mesh):

@@ -12,7 +12,7 @@ import numpy as np
 from dsjax import sharding as shd
 from dsjax.config import Config
 from dsjax.train import optimizer as opt, state as st
-from dsjax.train.loop import global_batch
+from dsjax.train.loop import global_batch, to_python
 from dsjax.train.step import make_train_step
 
 
@@ -54,9 +54,9 @@ def train_runner(config: Config):
     return run, time.perf_counter() - t0
 
 
-def step_seconds(config: Config, steps: int) -> tuple[float, float, float]:
-    """(seconds per step, first-call seconds (compile), last loss) of `train_runner`'s step, after
-    two warm-up steps."""
+def step_seconds(config: Config, steps: int) -> tuple[float, float, dict]:
+    """(seconds per step, first-call seconds (compile), the last step's metrics as Python numbers)
+    of `train_runner`'s step, after two warm-up steps."""
     run, compile_s = train_runner(config)
     for _ in range(2):
         metrics = run()
@@ -65,4 +65,4 @@ def step_seconds(config: Config, steps: int) -> tuple[float, float, float]:
     for _ in range(steps):
         metrics = run()
     jax.block_until_ready(metrics)
-    return (time.perf_counter() - t0) / steps, compile_s, float(metrics["loss"])
+    return (time.perf_counter() - t0) / steps, compile_s, to_python(metrics)

@@ -119,7 +119,8 @@ def dsjax_side(config, s) -> dict:
     from dsjax.timing import step_seconds
 
     config = replace(config, **{"train.batch_size": s["batch"], "data.seq_len": s["seq_len"]})
-    step_s, compile_s, loss = step_seconds(config, s["steps"])
+    step_s, compile_s, metrics = step_seconds(config, s["steps"])
+    loss = metrics["loss"]
     c = config.model
     use_mtp = c.mtp.num_nextn_predict_layers > 0 and config.train.mtp_weight > 0
     out = {"train_step_s": step_s, "train_tokens_per_s": s["batch"] * s["seq_len"] / step_s, "loss": loss,

@@ -11,6 +11,8 @@ does the same work as in the one-device row, and
     efficiency = (tokens/s per device on the mesh) / (tokens/s of the first mesh, per device).
 Expert parallelism (expert > 1) exchanges tokens between devices with the configured all-to-all
 (config.moe.expert_parallel) in every MoE layer; data parallelism all-reduces the gradients.
+Each row also gives the (token, expert) pairs the MoE layers dropped in the last timed step
+(`moe.ep_pair_capacity` under expert parallelism, or capacity dispatch; 0 when dropless).
 Writes bench_scaling.json under $OUT (or --out) and prints a table.
 """
 
@@ -56,21 +58,25 @@ def main(argv):
         batch = per_device * d * e
         config = validate(replace(base, mesh=MeshConfig(d, e, tp, base.mesh.fsdp), **{"train.batch_size": batch}), n)
         try:
-            seconds, compile_s, loss = step_seconds(config, _STEPS.value)
+            seconds, compile_s, metrics = step_seconds(config, _STEPS.value)
         except Exception as err:  # a mesh that does not fit or compile is recorded, not fatal
             result["meshes"][spec] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
             print(f"mesh {spec}: FAILED {result['meshes'][spec]['error']}", flush=True)
             continue
         per_dev = batch * t / seconds / n
+        moe_layers = base.model.num_moe_layers + (base.model.mtp.num_nextn_predict_layers if use_mtp else 0)
+        pairs = batch * t * base.model.moe.num_experts_per_tok * moe_layers
         row = {"devices": n, "batch": batch, "step_seconds": seconds, "tokens_per_s": batch * t / seconds,
-               "tokens_per_s_per_device": per_dev, "compile_seconds": compile_s, "loss": loss,
+               "tokens_per_s_per_device": per_dev, "compile_seconds": compile_s, "loss": metrics["loss"],
+               "dropped_pairs": metrics.get("dropped_pairs", 0), "routed_pairs": pairs,
                "mfu": flops.mfu(config.model, batch, t, use_mtp, seconds, config.train.peak_tflops, n)}
         rows.append(row)
         row["efficiency"] = per_dev / rows[0]["tokens_per_s_per_device"]
         result["meshes"][spec] = row
         print(f"mesh {spec:8s} {n} devices  batch {batch:4d}  {seconds * 1e3:8.1f} ms/step  "
               f"{row['tokens_per_s']:10,.0f} tokens/s  {per_dev:9,.0f} per device  "
-              f"efficiency {row['efficiency']:6.1%}  MFU {row['mfu']:.1%}", flush=True)
+              f"efficiency {row['efficiency']:6.1%}  MFU {row['mfu']:.1%}  "
+              f"dropped {row['dropped_pairs']:,} of {pairs:,} pairs (last step)", flush=True)
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "bench_scaling.json"), "w") as f:
         json.dump(result, f, indent=2)

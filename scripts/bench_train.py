@@ -112,7 +112,8 @@ def main(argv):
         cfg = replace(config, **{"model.moe.dispatch": kind, "model.remat": remat, "model.attention": attention,
                                  "model.fp8": fp8})
         try:
-            seconds, compile_s, loss = step_seconds(cfg, _STEPS.value)
+            seconds, compile_s, metrics = step_seconds(cfg, _STEPS.value)
+            loss = metrics["loss"]
         except Exception as e:  # a variant that does not fit or compile is recorded, not fatal
             result["steps"][dispatch] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"dispatch={dispatch}: FAILED {result['steps'][dispatch]['error']}", flush=True)

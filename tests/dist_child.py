@@ -35,7 +35,7 @@ full = train_setup.random_batch(0)
 rows = slice(process_id * 4, (process_id + 1) * 4)
 batch = global_batch(mesh, {k: v[rows] for k, v in full.items()})
 with jax.set_mesh(mesh):
-    parts, _, _, _ = jax.jit(lambda s, b: loss_and_grads(config, s.params, s.router, b))(state, batch)
+    parts = jax.jit(lambda s, b: loss_and_grads(config, s.params, s.router, b))(state, batch).parts
     total = float(jax.device_get(parts.total))
 
 def iterator():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import signal
 import socket
@@ -38,7 +39,8 @@ def _loss_and_grads(mesh_shape):
     state = st.create(config, opt.make_optimizer(config.train), mesh, 0)
     with jax.set_mesh(mesh):
         batch = global_batch(mesh, train_setup.random_batch(0))
-        parts, loads, _, grads = jax.jit(lambda s, b: loss_and_grads(config, s.params, s.router, b))(state, batch)
+        out = jax.jit(lambda s, b: loss_and_grads(config, s.params, s.router, b))(state, batch)
+        parts, loads, grads = out.parts, out.moe_load, out.grads
         return jax.device_get((parts.total, loads, grads))
 
 
@@ -75,6 +77,25 @@ def test_nan_batch_leaves_state_bit_identical():
     for name in ("params", "opt_state", "router"):
         for a, b in zip(jax.tree_util.tree_leaves(getattr(before, name)), jax.tree_util.tree_leaves(getattr(after, name))):
             np.testing.assert_array_equal(a, b)
+
+
+def test_step_reports_the_pairs_capacity_dispatch_drops():
+    """metrics["dropped_pairs"] = Σ over MoE layers and experts of max(0, load − capacity): every
+    expert keeps its first `capacity` tokens (all tokens of the batch are real)."""
+    config = train_setup.tiny_config(**{"model.moe.dispatch": "capacity", "model.moe.capacity_factor": 0.5})
+    mesh = shd.make_mesh(config.mesh)
+    optimizer = opt.make_optimizer(config.train)
+    step = make_train_step(config, optimizer, mesh, st.shardings(config, optimizer, mesh))
+    with jax.set_mesh(mesh):
+        state = st.create(config, optimizer, mesh, 0)
+        batch = global_batch(mesh, train_setup.random_batch(0))
+        out = jax.jit(lambda s, b: loss_and_grads(config, s.params, s.router, b))(state, batch)
+        _, metrics = step(state, batch)
+    moe = config.model.moe
+    cap = math.ceil(moe.capacity_factor * 8 * 64 * moe.num_experts_per_tok / moe.n_routed_experts)
+    loads = np.concatenate([np.asarray(out.moe_load).reshape(-1), *(np.asarray(l) for l in out.mtp_load)])
+    want = int(np.maximum(loads - cap, 0).sum())
+    assert want > 0 and int(metrics["dropped_pairs"]) == int(out.dropped) == want
 
 
 def test_no_recompilation_after_first_step():

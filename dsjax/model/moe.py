@@ -41,7 +41,7 @@ from dsjax.model.router import Router
 class MoEStats(NamedTuple):
     load_E: jax.Array  # float32 tokens routed to each expert (real tokens only)
     balance_loss: jax.Array  # float32 scalar, sequence-wise balance loss (without α)
-    dropped: jax.Array  # int32 pairs dropped by capacity dispatch (0 when dropless)
+    dropped: jax.Array  # int32 pairs dropped by capacity dispatch or `ep_pair_capacity` (0 when dropless)
     expert_ids_BTK: jax.Array  # int32 chosen experts
 
 

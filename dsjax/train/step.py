@@ -11,7 +11,7 @@ aux-loss-free balancing step (`balance.update_router`) from the step's loads.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +23,25 @@ from dsjax import xla_options
 from dsjax.config import Config
 from dsjax.model import Transformer, compute_variables
 from dsjax.train import balance
-from dsjax.train.loss import loss_parts
+from dsjax.train.loss import LossParts, loss_parts
 from dsjax.train.optimizer import schedule
 from dsjax.train.state import TrainState
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def loss_and_grads(config: Config, params, router, batch):
-    """Summed loss parts, loads and gradients over the batch's microbatches."""
+class LossAndGrads(NamedTuple):
+    parts: LossParts  # summed over microbatches
+    moe_load: jax.Array  # [L_moe, E] tokens per expert (empty without MoE layers)
+    mtp_load: tuple  # per MTP module, [E]
+    dropped: jax.Array  # int32 (token, expert) pairs dropped
+    grads: object  # like params
+
+
+def loss_and_grads(config: Config, params, router, batch) -> LossAndGrads:
+    """Summed loss parts, loads, (token, expert) pairs dropped by the MoE layers (capacity
+    dispatch, or expert parallelism's `ep_pair_capacity`; 0 when dropless) and gradients over the
+    batch's microbatches."""
     model = Transformer(config.model)
     use_mtp = config.model.mtp.num_nextn_predict_layers > 0 and config.train.mtp_weight > 0
     normalizer = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
@@ -43,17 +53,19 @@ def loss_and_grads(config: Config, params, router, batch):
         parts = loss_parts(out, mb, config, normalizer)
         moe_load = out.moe_stats.load_E if out.moe_stats is not None else jnp.zeros((0,), jnp.float32)
         mtp_load = tuple(s.load_E for s in out.mtp_stats if s is not None)
-        return parts.total, (parts, moe_load, mtp_load)
+        dropped = sum((s.dropped.sum() for s in (out.moe_stats, *out.mtp_stats) if s is not None),
+                      jnp.zeros((), jnp.int32))
+        return parts.total, (parts, moe_load, mtp_load, dropped)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     m = config.train.microbatches
     if m == 1:
-        (_, (parts, moe_load, mtp_load)), grads = grad_fn(params, batch)
-        return parts, moe_load, mtp_load, grads
+        (_, (parts, moe_load, mtp_load, dropped)), grads = grad_fn(params, batch)
+        return LossAndGrads(parts, moe_load, mtp_load, dropped, grads)
     micro = jax.tree_util.tree_map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
-    (_, (parts, moe_load, mtp_load)), grads = sum_over_chunks(lambda mb: grad_fn(params, mb), micro)
+    (_, (parts, moe_load, mtp_load, dropped)), grads = sum_over_chunks(lambda mb: grad_fn(params, mb), micro)
     parts = parts._replace(mtp_ce=parts.mtp_ce / m, balance=parts.balance / m)
-    return parts, moe_load, mtp_load, grads
+    return LossAndGrads(parts, moe_load, mtp_load, dropped, grads)
 
 
 def sum_over_chunks(fn, chunks):
@@ -90,7 +102,7 @@ def apply_if_finite(optimizer: optax.GradientTransformation, state: TrainState, 
 
 
 def train_step(config: Config, optimizer: optax.GradientTransformation, state: TrainState, batch):
-    parts, moe_load, mtp_load, grads = loss_and_grads(config, state.params, state.router, batch)
+    parts, moe_load, mtp_load, dropped, grads = loss_and_grads(config, state.params, state.router, batch)
     new_router = balance.update_router(state.router, moe_load, mtp_load, config.train.bias_update_rate)
     new_state, grad_norm = apply_if_finite(optimizer, state, grads, parts.total, router=new_router,
                                            rng=jax.random.fold_in(state.rng, state.step))
@@ -107,6 +119,7 @@ def train_step(config: Config, optimizer: optax.GradientTransformation, state: T
     }
     if moe_load.size:
         metrics["expert_load_max_over_mean"] = balance.load_ratio(moe_load)
+        metrics["dropped_pairs"] = dropped
     return new_state, metrics
 
 
