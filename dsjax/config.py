@@ -444,10 +444,12 @@ def _coerce(hint, value, field: str):
     origin = typing.get_origin(hint)
     if origin is tuple:
         if isinstance(value, str):
-            value = tuple(v for v in value.split(",") if v)
+            value = (value,)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config field '{field}': expected a list, got {value!r}")
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if item is str:  # "a,b" (ml_collections hands --config.x=a,b over as the tuple ("a,b",))
+            value = tuple(p for v in value for p in (v.split(",") if isinstance(v, str) else [v]) if p != "")
         return tuple(_coerce(item, v, field) for v in value)
     if hint is bool:
         if not isinstance(value, bool):

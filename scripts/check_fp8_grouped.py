@@ -3,6 +3,7 @@
     python scripts/check_fp8_grouped.py [--quick] [--only PREFIX] [--out DIR]     # on the GPU machine
     python scripts/check_fp8_grouped.py --only=small --configs=sweep              # tile-config sweep
     python scripts/check_fp8_grouped.py --only=small --alpha=1000                # near-equal expert loads
+    python scripts/check_fp8_grouped.py --only=K-sweep --configs=128x128.m.4.4.lane   # per-tile cost
     python scripts/check_fp8_grouped.py --cpu-interpret [--configs=...]           # dry run on CPU, jax >= 0.11
 
 (a) Correctness, relative Frobenius error (expected ~1e-4 or better; FAIL above 2e-3):
@@ -58,6 +59,10 @@ SHAPES = {
     "V3 up/gate": (131_072, 7168, 2048, 256),
     "V3 down": (131_072, 2048, 7168, 256),
 }
+# Timed only on request (--only="K-sweep"): V3's down GEMM at four depths, so time = tiles x (a + b K)
+# separates a per-output-tile cost a from the per-128-K step cost b (the FP8 kernels fall short at
+# K = 2048, not at 7168).
+K_SWEEP = {f"K-sweep {k}": (131_072, k, 7168, 256) for k in (1024, 2048, 4096, 7168)}
 CHECKS = {"aligned": (4096, 1024, 768, 8), "unaligned": (1000, 1000, 200, 5)}
 LAYER_SHAPES = ("small up/gate", "V3 up/gate")
 DIRICHLET_ALPHA = 2.0  # uneven expert loads (--alpha; large values approach a balanced router's equal loads)
@@ -159,7 +164,7 @@ def main():
     if args.quick:
         shapes = {k: v for k, v in shapes.items() if k.startswith("small")}
     if args.only:
-        shapes = {k: v for k, v in shapes.items() if k.startswith(args.only)}
+        shapes = {k: v for k, v in {**shapes, **K_SWEEP}.items() if k.startswith(args.only)}
         layer_shapes = tuple(k for k in layer_shapes if k.startswith(args.only))
 
     dev = jax.devices()[0]

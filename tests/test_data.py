@@ -1,9 +1,12 @@
 """dsjax.data: tokenizers, the arithmetic task and its split, corpora, packing, and exact resume."""
 
+import ast
 import collections
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -179,6 +182,26 @@ def test_arithmetic_config_errors():
 
 
 # --------------------------------------------------------------------------------- corpora
+
+
+def test_comma_separated_paths_from_the_command_line(tmp_path):
+    """`--config.data.paths=a.txt,b.txt` (README): ml_collections hands over ("a.txt,b.txt",) (and
+    "'/x/a.txt,/x/b.txt'" quoted the same way); the config splits it into two files. Parsed as
+    scripts/train.py parses it, in a subprocess (the override flags exist only on absl's FLAGS)."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(f"text of {name}\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parse = ("import sys; from absl import flags; from ml_collections import config_flags; "
+             "from dsjax.config import from_config_dict; c = config_flags.DEFINE_config_file('config'); "
+             "flags.FLAGS(sys.argv); print(repr(from_config_dict(c.value).data.paths))")
+    for value, want in (("a.txt,b.txt", ("a.txt", "b.txt")),
+                        (f"'{tmp_path}/a.txt,{tmp_path}/b.txt'", (f"{tmp_path}/a.txt", f"{tmp_path}/b.txt"))):
+        out = subprocess.run([sys.executable, "-c", parse, f"--config={root}/configs/tiny.py",
+                              f"--config.data.paths={value}"], capture_output=True, text=True, check=True,
+                             cwd=tmp_path, env=dict(os.environ, PYTHONPATH=root)).stdout
+        assert ast.literal_eval(out.strip().splitlines()[-1]) == want
+    config = DataConfig(source="text", paths=tuple(f"{tmp_path}/{n}" for n in ("a.txt", "b.txt")), heldout_size=0)
+    assert sorted(documents(config, "train")) == ["text of a.txt\n", "text of b.txt\n"]
 
 
 def test_stdlib_corpus():

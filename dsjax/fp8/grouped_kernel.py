@@ -51,8 +51,10 @@ chunks' WGMMAs into two partials, then promotes the first while the second still
 step each promotion waits for its own WGMMA and both warpgroups reach it together, which may leave
 the tensor cores idle through it: the suspect for the K = 2048 shapes (16 promotions per tile) where
 every tiling stays at 1.13-1.25x bf16 (session 8). K pads to whole steps with zero chunks. Matches
-the reference in the interpreter and lowers for CUDA; not yet run on a GPU (a tunable: the default
-stays one chunk until timed).
+the reference in the interpreter, lowers for CUDA, and on one H200 (2026-11-29, session 9) passes
+every check of scripts/check_fp8_grouped.py but runs no faster: V3 K = 2048 forward / dgrad 574 /
+561 TFLOP/s against one chunk's 582 / 600 (BENCHMARKS.md, FP8). So the promotion wait is not what
+holds those shapes back; the default stays one chunk.
 
 Shapes: K (forward) is zero-padded to whole 128-chunks, M to cta_m and N (and wgrad's K) to the
 tile; outputs are sliced back. `*_unfit_reason` says what a kernel cannot take; grouped.py then
