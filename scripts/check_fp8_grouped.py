@@ -25,8 +25,9 @@
     float32 output (f32 master weights), which at 256 experts is bound by writing dw.
 --configs=SPEC,SPEC,... (or "sweep": grouped_kernel.SWEEP_CONFIGS) replaces those two by candidate
 tile configs in kernel.Config.parse's compact spec, CTA_MxCTA_N[.m|n[.stages[.grid_tile_width
-[.lane|wg[.kC]]]]] (e.g. 128x192.m.3.8.wg, or 128x128.m.2.4.lane.k2: two 128-K chunks per step, the
-M-grouped kernels only, so no wgrad for it; omitted fields keep kernel.Config's defaults), each checked
+[.lane|wg[.kC][.c]]]]] (e.g. 128x192.m.3.8.wg; 128x128.m.2.4.lane.k2: two 128-K chunks per step;
+128x128.m.4.4.lane.c: chained tiles; these two M-grouped only, so no wgrad for them; omitted fields
+keep kernel.Config's defaults), each checked
 (grouped_kernel.check_config) before anything runs. Each candidate is checked for correctness on the
 "unaligned" shape (M, K and N padded; a 192-column tile straddles scale blocks; float32 output where
 its output tile fits shared memory, else bf16 against the reference rounded to bf16) and timed for
@@ -143,7 +144,7 @@ def main():
         for spec in specs:
             try:
                 cfg = GK.Config.parse(spec)
-                for sb_blocked in (True,) if cfg.k_chunks > 1 else (True, False):  # k_chunks: M-grouped only
+                for sb_blocked in (True,) if cfg.m_grouped_only else (True, False):  # k_chunks, chain: M-grouped only
                     GK.check_config(cfg, jnp.bfloat16, sb_blocked)
             except ValueError as e:
                 parser.error(f"--configs {spec}: {e}")
@@ -241,8 +242,8 @@ def main():
             # float32 output where its tile fits shared memory, else bf16 vs the reference in bf16
             out = jnp.float32 if cfg.smem_bytes(jnp.float32) <= GK.SMEM_LIMIT else jnp.bfloat16
             for gemm, (args_, m_grouped) in gemms.items():
-                if not m_grouped and cfg.k_chunks > 1:
-                    continue  # the K-grouped kernel takes one chunk per step
+                if not m_grouped and cfg.m_grouped_only:
+                    continue  # the K-grouped kernel takes one chunk per step, unchained
                 name = f"{gemm}{suffix} {cname}" + ("" if out == jnp.float32 else " (bf16 out)")
                 if m_grouped:
                     fn = jax.jit(lambda *a: GK.m_grouped_matmul(*a, out, cfg, sb_blocked=True))
@@ -321,7 +322,7 @@ def main():
                                                   sb_blocked=True))
             bench(f"fwd fp8{suffix}", m_grouped, *fwd, gs)
             bench(f"dgrad fp8{suffix}", m_grouped, *dgrad, gs)
-            if cfg.k_chunks == 1:
+            if not cfg.m_grouped_only:
                 bench(f"wgrad fp8{suffix}", jax.jit(functools.partial(GK.k_grouped_matmul, out_dtype=jnp.bfloat16,
                                                                      config=cfg)), *wgrad, *tiles)
         if not sweep:

@@ -240,6 +240,42 @@ def test_m_grouped_kernel_two_chunks_per_step_matches_reference_in_interpreter(K
                                         jnp.zeros(5, jnp.int32), jnp.float32, config)
 
 
+# Chained tiles (kernel.Config.chain): K = 256 and 200 (padded) are 2 steps, 512 is 4, a whole number
+# of 2-stage rounds, so every CTA's tiles chain; 640 (5 steps) does not divide and runs unchained.
+CHAINED_CASES = [KERNEL_CASES[0], KERNEL_CASES[1], (512, 256, (100, 0, 5, 200, 15), 330),
+                 (640, 256, (100, 0, 5, 200, 15), 330)]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("K,N,sizes,M", CHAINED_CASES)
+def test_m_grouped_kernel_chained_tiles_match_reference_in_interpreter(K, N, sizes, M):
+    """Two CTAs, each running several tiles (some empty: the groups end before M) as one chain of
+    pipelines, then a dropped STOP tile: the same sums, nothing past the groups written."""
+    from dsjax.fp8 import grouped_kernel
+
+    config = grouped_kernel.Config(stages=2, chain=True)
+    for args in _quantized(K, N, sizes, M)[:2]:
+        want = grouped._m_grouped(*args, "xla_cpu", jnp.float32)
+        got = grouped_kernel.m_grouped_matmul(*args, jnp.float32, config, sb_blocked=True,
+                                              interpret=interpreter_params()(), num_ctas=2)
+        assert _rel(got, want) < KERNEL_RTOL, _rel(got, want)
+        assert not np.asarray(got[sum(sizes):]).any()
+    with pytest.raises(ValueError, match="chain"):
+        grouped_kernel.k_grouped_matmul(*_quantized(K, N, sizes, M)[2][:4], jnp.zeros(5, jnp.int32),
+                                        jnp.zeros(5, jnp.int32), jnp.float32, config)
+
+
+@needs_interpreter
+def test_chained_tiles_lower_for_cuda():
+    """Config.chain through Pallas -> Mosaic GPU for sm_90 (K = 512: 4 steps, one round of 4 stages)."""
+    from dsjax.fp8 import grouped_kernel
+
+    fwd = _quantized(512, 256, (100, 0, 5, 200, 15), 330)[0]
+    config = grouped_kernel.Config.parse("128x128.m.4.4.lane.c")
+    fn = jax.jit(lambda *a: grouped_kernel.m_grouped_matmul(*a, jnp.bfloat16, config, sb_blocked=True, num_ctas=132))
+    assert "mosaic_gpu" in fn.trace(*fwd).lower(lowering_platforms=("cuda",)).as_text()
+
+
 @needs_interpreter
 def test_two_chunks_per_step_lowers_for_cuda():
     """k_chunks=2 through Pallas -> Mosaic GPU for sm_90: the chunk slices of the swizzled tiles,
@@ -314,10 +350,12 @@ def test_config_registers_and_spec():
     assert Config.parse(cfg.spec) == cfg and Config.parse("128x160") == Config(cta_n=160)
     assert Config.parse("128x128.m.2.4.lane.k2") == Config(stages=2, k_chunks=2)
     assert Config(stages=2, k_chunks=2).spec == "128x128.m.2.4.lane.k2" and Config().spec == "128x128.m.4.4.lane"
+    assert Config.parse("128x128.m.4.4.lane.c") == Config(chain=True) == Config.parse(Config(chain=True).spec)
+    assert Config.parse("128x128.m.2.4.lane.k2.c") == Config(stages=2, k_chunks=2, chain=True)
     assert Config(k_chunks=2).registers() == 64 + 2 * 64 + 32
     with pytest.raises(ValueError, match="shared memory"):  # 3 stages of two chunks beside a bf16 tile
         grouped_kernel.check_config(Config(stages=3, k_chunks=2), jnp.bfloat16, sb_blocked=True)
-    for bad in ("128", "128x192.m.3.8.tc", "128x192.m.3.8.wg.1", "128x128.m.2.4.lane.k2.x"):
+    for bad in ("128", "128x192.m.3.8.tc", "128x192.m.3.8.wg.1", "128x128.m.2.4.lane.k2.x", "128x128.m.4.4.lane.c.k2"):
         with pytest.raises(ValueError, match="is not CTA_MxCTA_N"):
             Config.parse(bad)
     for spec in grouped_kernel.SWEEP_CONFIGS:

@@ -56,6 +56,19 @@ every check of scripts/check_fp8_grouped.py but runs no faster: V3 K = 2048 forw
 561 TFLOP/s against one chunk's 582 / 600 (BENCHMARKS.md, FP8). So the promotion wait is not what
 holds those shapes back; the default stays one chunk.
 
+Chained tiles (`Config.chain`, M-grouped only; spec suffix ".c", e.g. 128x128.m.4.4.lane.c). Each
+output tile runs its own warp-specialized K pipeline, and Pallas ends every pipeline with the
+memory warpgroup waiting until the compute warpgroups have released its last stages: between two
+tiles no load is in flight while the compute warpgroups store the finished tile and the memory
+warpgroup reads the next tile's schedule, a bubble every K/128 steps, so it weighs 3.5x more at
+V3's K = 2048 than at 7168 (the suspect for the M-grouped kernels' 1.13-1.17x there). Chained, a
+CTA's pipelines run as one (Pallas's pipeline_state: START for its first tile with rows, STEADY
+after, then a STOP pipeline on a dropped extra tile that drains the chain): the memory warpgroup
+loads the next tile's first stages as the current tile's last steps release them. Pallas chains
+only pipelines of whole rounds of the stages, so it applies where K/128 % stages == 0 (V3's 2048
+and 7168 at 4 stages; not small.py's 1408, which runs unchained). Interpreter-exact and lowers for
+CUDA (tests/test_fp8_grouped.py); not yet run on a GPU, so the default stays unchained.
+
 Shapes: K (forward) is zero-padded to whole 128-chunks, M to cta_m and N (and wgrad's K) to the
 tile; outputs are sliced back. `*_unfit_reason` says what a kernel cannot take; grouped.py then
 falls back to its XLA path with one warning per shape. group_sizes must sum to at most M.
@@ -144,11 +157,12 @@ def check_config(cfg: Config, out_dtype, sb_blocked: bool):
                          f"(> {SMEM_LIMIT}); use fewer stages")
 
 
-def _pipeline(cfg: Config, num_steps, step, compute_context, first=0):
+def _pipeline(cfg: Config, num_steps, step, compute_context, first=0, state=None):
     """kernel.py's warp-specialized K pipeline over `num_steps` steps of C = k_chunks 128-chunks,
     from step `first`. Per step: C tiles a [cta_m, 128] and C tiles b [cta_n, 128] (fp8, swizzled;
     each chunk its own tile, as with one chunk per step), then sa [C, cta_m] and sb [C, cta_n]. Call
-    it (and get_allocations) with `_operands`."""
+    it (and get_allocations) with `_operands`. `state`: plgpu.PipelinePipeline when tiles chain
+    (Config.chain), else None."""
     fp8_transforms = _fp8_transforms()
     c = cfg.k_chunks
 
@@ -169,6 +183,7 @@ def _pipeline(cfg: Config, num_steps, step, compute_context, first=0):
         num_compute_wgs=cfg.num_compute_wgs,
         max_concurrent_steps=cfg.stages,
         compute_context=compute_context,
+        pipeline_state=state,
     )
 
 
@@ -286,6 +301,7 @@ def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Confi
     m_tiles, n_tiles, k_iters = sched_4S.shape[1], n // cta_n, k // (BLOCK_K * cfg.k_chunks)
     split_m = cfg.wg_dim == "m"
     ignore = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the body
+    chained = cfg.chain and k_iters % cfg.stages == 0  # Pallas chains whole rounds of the stages only
 
     def body(sched_gmem, a_gmem, b_gmem, sa_gmem, sb_gmem, out_gmem):
         allocs = _pipeline(cfg, k_iters, ignore, ignore).get_allocations(
@@ -299,8 +315,17 @@ def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Confi
             wg_idx = lax.axis_index("wg")
             step = _promote_step(cfg, wg_idx, sb_blocked)
 
-            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
-            def _tile_loop(loop_info):
+            def run_tile(group, block, ni, compute_context, state=None):
+                _pipeline(cfg, k_iters, step, compute_context, state=state)(
+                    *_operands(cfg, a_gmem.at[pl.ds(block * cta_m, cta_m), :],
+                               b_gmem.at[group, pl.ds(ni * cta_n, cta_n), :],
+                               sa_gmem.at[:, pl.ds(block * cta_m, cta_m)],
+                               sb_gmem.at[group, :, pl.ds(ni * cta_n, cta_n)]),
+                    allocations=pipeline_allocs,
+                )
+
+            def tile(loop_info, started):
+                """One output tile; `started` (chained only): whether this CTA's chain has begun."""
                 (lin,) = loop_info.index
                 ti, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), 1, cfg.grid_tile_width)
                 group, block, first, rows = (sched_gmem[i, ti] for i in range(4))
@@ -327,15 +352,30 @@ def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Confi
                         lo = lo + (count & size)
                         size //= 2
 
-                @pl.when(rows > 0)
-                def _run():
-                    _pipeline(cfg, k_iters, step, compute_context)(
-                        *_operands(cfg, a_gmem.at[pl.ds(block * cta_m, cta_m), :],
-                                   b_gmem.at[group, pl.ds(ni * cta_n, cta_n), :],
-                                   sa_gmem.at[:, pl.ds(block * cta_m, cta_m)],
-                                   sb_gmem.at[group, :, pl.ds(ni * cta_n, cta_n)]),
-                        allocations=pipeline_allocs,
-                    )
+                if not chained:
+                    pl.when(rows > 0)(lambda: run_tile(group, block, ni, compute_context))
+                    return None
+                # Static states, one branch each (a traced state would need a dynamic prologue).
+                pl.when((rows > 0) & (started == 0))(
+                    lambda: run_tile(group, block, ni, compute_context, plgpu.PipelinePipeline.START))
+                pl.when((rows > 0) & (started != 0))(
+                    lambda: run_tile(group, block, ni, compute_context, plgpu.PipelinePipeline.STEADY))
+                return jnp.where(rows > 0, 1, started)
+
+            if not chained:
+                plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")(lambda info: tile(info, None))
+            else:
+                started = plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm", init_carry=jnp.int32(0))(
+                    lambda info, carry: tile(info, carry))
+
+                # The chain ends in a STOP pipeline, whose memory warpgroup waits for the compute
+                # warpgroups' last releases: one more tile (the first), its result dropped.
+                @pl.when(started != 0)
+                def _stop():
+                    def drop(run_pipeline):
+                        run_pipeline(_zero_acc(cfg))
+
+                    run_tile(0, 0, 0, drop, plgpu.PipelinePipeline.STOP)
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before out_smem goes out of scope
 
@@ -470,6 +510,9 @@ def k_grouped_matmul(qa_KP, sa_KT, qb_NP, sb_NT, tile_start_G, tiles_G, out_dtyp
     """
     cfg = config or K_GROUPED
     check_config(cfg, out_dtype, sb_blocked=False)
+    if cfg.chain:
+        raise ValueError(f"{cfg}: chain serves the M-grouped kernel; the K-grouped kernel's pipelines run "
+                         f"a dynamic number of steps per group, which Pallas cannot chain")
     if (reason := k_grouped_unfit_reason(qa_KP, sa_KT, qb_NP, sb_NT, tiles_G)) is not None:
         raise ValueError(f"k_grouped_matmul cannot take these operands: {reason}")
     k, n = qa_KP.shape[0], qb_NP.shape[0]

@@ -85,6 +85,10 @@ class Config:
     # 128-K chunks per pipeline step, each WGMMA'd into its own partial: with 2, a warpgroup promotes
     # the first while the second runs (grouped_kernel.py's M-grouped kernel only)
     k_chunks: int = 1
+    # A CTA's output tiles chain their K pipelines (Pallas's pipeline_state START / STEADY / STOP), so
+    # the memory warpgroup loads the next tile's first stages while the compute warpgroups finish the
+    # current one (grouped_kernel.py's M-grouped kernel only; where K steps % stages == 0)
+    chain: bool = False
 
     @property
     def wg_m(self) -> int:
@@ -98,9 +102,10 @@ class Config:
 
     @classmethod
     def parse(cls, spec: str) -> Config:
-        """A config from its compact spec `CTA_MxCTA_N[.wg_dim[.stages[.grid_tile_width[.lane|wg[.kC]]]]]`,
-        e.g. "128x192.m.3.8.wg" or "128x128.m.2.4.lane.k2" (C = k_chunks); fields left out keep their
-        defaults. Not checked: call `check`."""
+        """A config from its compact spec
+        `CTA_MxCTA_N[.wg_dim[.stages[.grid_tile_width[.lane|wg[.kC][.c]]]]]`, e.g. "128x192.m.3.8.wg",
+        "128x128.m.2.4.lane.k2" (C = k_chunks) or "128x128.m.4.4.lane.c" (chain); fields left out keep
+        their defaults. Not checked: call `check`."""
         fields = spec.split(".")
         try:
             cta_m, cta_n = (int(v) for v in fields[0].split("x"))
@@ -113,15 +118,17 @@ class Config:
                 kwargs["grid_tile_width"] = int(fields[3])
             if len(fields) > 4:
                 kwargs["semantics"] = cls._SEMANTICS_SPEC[fields[4]]
-            if len(fields) > 5:
-                if not fields[5].startswith("k"):
-                    raise ValueError(f"{fields[5]!r} is not kC")
-                kwargs["k_chunks"] = int(fields[5][1:])
-            if len(fields) > 6:
-                raise ValueError("too many fields")
+            rest = fields[5:]
+            if rest and rest[0].startswith("k"):
+                kwargs["k_chunks"] = int(rest.pop(0)[1:])
+            if rest[:1] == ["c"]:
+                rest.pop(0)
+                kwargs["chain"] = True
+            if rest:
+                raise ValueError(f"{'.'.join(rest)!r} is not [kC][.c]")
         except (ValueError, KeyError) as e:
             raise ValueError(f"config spec {spec!r} is not CTA_MxCTA_N[.m|n[.stages[.grid_tile_width"
-                             f"[.lane|wg[.kC]]]]] ({e})") from None
+                             f"[.lane|wg[.kC][.c]]]]] ({e})") from None
         return cls(**kwargs)
 
     @property
@@ -129,7 +136,14 @@ class Config:
         """The compact spec `parse` reads (num_compute_wgs is not part of it)."""
         semantics = {v: k for k, v in self._SEMANTICS_SPEC.items()}[self.semantics]
         chunks = "" if self.k_chunks == 1 else f".k{self.k_chunks}"
-        return f"{self.cta_m}x{self.cta_n}.{self.wg_dim}.{self.stages}.{self.grid_tile_width}.{semantics}{chunks}"
+        chain = ".c" if self.chain else ""
+        return (f"{self.cta_m}x{self.cta_n}.{self.wg_dim}.{self.stages}.{self.grid_tile_width}.{semantics}"
+                f"{chunks}{chain}")
+
+    @property
+    def m_grouped_only(self) -> bool:
+        """Options only grouped_kernel.py's M-grouped kernel implements (k_chunks > 1, chain)."""
+        return self.k_chunks > 1 or self.chain
 
     @property
     def compute_registers(self) -> int:
@@ -363,8 +377,9 @@ def block_scaled_matmul(qa_MK, sa_MJ, qb_NK, sb_JN, out_dtype=jnp.float32, confi
     """
     cfg = config or (BLOCKED if sb_blocked else DEFAULT)
     cfg.check()
-    if cfg.k_chunks != 1:
-        raise ValueError(f"{cfg}: block_scaled_matmul takes one 128-K chunk per step (k_chunks=1)")
+    if cfg.m_grouped_only:
+        raise ValueError(f"{cfg}: block_scaled_matmul takes one 128-K chunk per step (k_chunks=1) and "
+                         f"unchained tiles (chain=False)")
     if (smem := cfg.smem_bytes(out_dtype)) > SMEM_LIMIT:
         raise ValueError(f"{cfg} with {jnp.dtype(out_dtype).name} output needs ~{smem} B of shared memory "
                          f"(> {SMEM_LIMIT}); use fewer stages")
