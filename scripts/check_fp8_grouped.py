@@ -18,8 +18,8 @@
     expert GEMMs (98,304 rows over 64 experts, 2048 -> 1408 and 1408 -> 2048) and DeepSeek-V3's
     (131,072 rows over 256 experts, 7168 -> 2048 and 2048 -> 7168); then fwd+bwd (quantization
     included, bf16 x and w) of gmm_block pallas_gpu vs grouped_gemm.gmm(kind="pallas_mgpu").
-    Each FP8 kernel runs in two tile configs: grouped_kernel's default (kernel.py's DEFAULT: 4 stages,
-    Lane semantics) and "wg" (3 stages, 8-tile snake, Warpgroup semantics: kernel.py's BLOCKED, the
+    Each FP8 kernel runs in two tile configs: grouped_kernel's defaults (M_GROUPED, K_GROUPED: 4
+    stages, Lane semantics, the M-grouped tiles chained) and "wg" (3 stages, 8-tile snake, Warpgroup semantics: kernel.py's BLOCKED, the
     dense kernel's best forward/dgrad config on H200); the better one should become the default.
     The K-grouped kernel's bf16 column is what gmm_block runs with bf16 weights; "wgrad f32" is its
     float32 output (f32 master weights), which at 256 experts is bound by writing dw.
@@ -82,6 +82,14 @@ def group_sizes(m: int, g: int, seed: int, empty: int | None = None, alpha: floa
     sizes = np.floor(raw).astype(np.int64)
     sizes[np.argsort(raw - sizes)[::-1][: m - sizes.sum()]] += 1
     return sizes.astype(np.int32)
+
+
+def k_config(GK, cfg):
+    """The K-grouped (wgrad) kernel's config for candidate `cfg`: the library's K_GROUPED beside its
+    M_GROUPED, None for M-grouped-only options (k_chunks > 1, chain), else `cfg` itself."""
+    if cfg is GK.M_GROUPED:
+        return GK.K_GROUPED
+    return None if cfg.m_grouped_only else cfg
 
 
 def best_configs(res: dict, configs: dict, kernels, check_gemm: dict) -> dict:
@@ -242,14 +250,14 @@ def main():
             # float32 output where its tile fits shared memory, else bf16 vs the reference in bf16
             out = jnp.float32 if cfg.smem_bytes(jnp.float32) <= GK.SMEM_LIMIT else jnp.bfloat16
             for gemm, (args_, m_grouped) in gemms.items():
-                if not m_grouped and cfg.m_grouped_only:
+                if not m_grouped and k_config(GK, cfg) is None:
                     continue  # the K-grouped kernel takes one chunk per step, unchained
                 name = f"{gemm}{suffix} {cname}" + ("" if out == jnp.float32 else " (bf16 out)")
                 if m_grouped:
                     fn = jax.jit(lambda *a: GK.m_grouped_matmul(*a, out, cfg, sb_blocked=True))
                     got = guarded(name, lambda: fn(*args_, gs))
                 else:
-                    fn = jax.jit(lambda *a: GK.k_grouped_matmul(*a, out, cfg))
+                    fn = jax.jit(lambda *a: GK.k_grouped_matmul(*a, out, k_config(GK, cfg)))
                     got = guarded(name, lambda: fn(*args_, *tile_args(gs)))
                 record(name, None if got is None else rel(got, want[gemm].astype(out)))
 
@@ -322,9 +330,9 @@ def main():
                                                   sb_blocked=True))
             bench(f"fwd fp8{suffix}", m_grouped, *fwd, gs)
             bench(f"dgrad fp8{suffix}", m_grouped, *dgrad, gs)
-            if not cfg.m_grouped_only:
+            if k_config(GK, cfg) is not None:
                 bench(f"wgrad fp8{suffix}", jax.jit(functools.partial(GK.k_grouped_matmul, out_dtype=jnp.bfloat16,
-                                                                     config=cfg)), *wgrad, *tiles)
+                                                                     config=k_config(GK, cfg))), *wgrad, *tiles)
         if not sweep:
             bench("wgrad fp8 f32", jax.jit(functools.partial(GK.k_grouped_matmul, out_dtype=jnp.float32)),
                   *wgrad, *tiles)
