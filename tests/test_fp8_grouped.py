@@ -217,73 +217,48 @@ def test_k_grouped_kernel_matches_reference_in_interpreter(K, N, sizes, M, tiles
     assert _rel(got, want) < KERNEL_RTOL, _rel(got, want)
 
 
-# Two 128-K chunks per pipeline step (kernel.Config.k_chunks, M-grouped only): K = 256 is one step,
-# 200 pads to one, 640 to three (its last chunk all zeros).
-CHUNKED_CASES = [KERNEL_CASES[0], KERNEL_CASES[1], (640, 256, (100, 0, 5, 200, 15), 330)]
+# The M-grouped kernel's own options (kernel.Config). Two 128-K chunks per step (k_chunks=2): K = 256
+# is one step, 200 pads to one, 640 to three (its last chunk all zeros). Chained tiles (chain): K =
+# 256 and 200 are 2 steps, 512 is 4, whole rounds of 2 stages, so every CTA's tiles chain; 640 (5
+# steps) does not divide and runs unchained.
+_CASE_512, _CASE_640 = ((k, 256, (100, 0, 5, 200, 15), 330) for k in (512, 640))
+M_ONLY_CASES = ([pytest.param(dict(k_chunks=2), "not per-column sb", *case, id=f"k2-{case[0]}")
+                 for case in (*KERNEL_CASES, _CASE_640)]
+                + [pytest.param(dict(chain=True), "chain", *case, id=f"chain-{case[0]}")
+                   for case in (*KERNEL_CASES, _CASE_512, _CASE_640)])
 
 
 @needs_interpreter
-@pytest.mark.parametrize("K,N,sizes,M", CHUNKED_CASES)
-def test_m_grouped_kernel_two_chunks_per_step_matches_reference_in_interpreter(K, N, sizes, M):
-    """Both chunks' WGMMAs issued, then each partial promoted after its own wait: the same sums."""
+@pytest.mark.parametrize("options,refusal,K,N,sizes,M", M_ONLY_CASES)
+def test_m_grouped_only_options_match_reference_in_interpreter(options, refusal, K, N, sizes, M):
+    """k_chunks=2: both chunks' WGMMAs issued, then each partial promoted after its own wait. chain:
+    two CTAs, each running several tiles (some empty: the groups end before M) as one chain of
+    pipelines, then a dropped STOP tile. Either way the same sums, nothing past the groups written,
+    and the K-grouped kernel refuses the option."""
     from dsjax.fp8 import grouped_kernel
 
-    config = grouped_kernel.Config(stages=2, k_chunks=2)
+    config = grouped_kernel.Config(stages=2, **options)
     for args in _quantized(K, N, sizes, M)[:2]:
         want = grouped._m_grouped(*args, "xla_cpu", jnp.float32)
         got = grouped_kernel.m_grouped_matmul(*args, jnp.float32, config, sb_blocked=True,
                                               interpret=interpreter_params()(), num_ctas=2)
         assert _rel(got, want) < KERNEL_RTOL, _rel(got, want)
         assert not np.asarray(got[sum(sizes):]).any()
-    with pytest.raises(ValueError, match="not per-column sb"):
-        grouped_kernel.k_grouped_matmul(*_quantized(K, N, sizes, M)[2][:4], jnp.zeros(5, jnp.int32),
-                                        jnp.zeros(5, jnp.int32), jnp.float32, config)
-
-
-# Chained tiles (kernel.Config.chain): K = 256 and 200 (padded) are 2 steps, 512 is 4, a whole number
-# of 2-stage rounds, so every CTA's tiles chain; 640 (5 steps) does not divide and runs unchained.
-CHAINED_CASES = [KERNEL_CASES[0], KERNEL_CASES[1], (512, 256, (100, 0, 5, 200, 15), 330),
-                 (640, 256, (100, 0, 5, 200, 15), 330)]
-
-
-@needs_interpreter
-@pytest.mark.parametrize("K,N,sizes,M", CHAINED_CASES)
-def test_m_grouped_kernel_chained_tiles_match_reference_in_interpreter(K, N, sizes, M):
-    """Two CTAs, each running several tiles (some empty: the groups end before M) as one chain of
-    pipelines, then a dropped STOP tile: the same sums, nothing past the groups written."""
-    from dsjax.fp8 import grouped_kernel
-
-    config = grouped_kernel.Config(stages=2, chain=True)
-    for args in _quantized(K, N, sizes, M)[:2]:
-        want = grouped._m_grouped(*args, "xla_cpu", jnp.float32)
-        got = grouped_kernel.m_grouped_matmul(*args, jnp.float32, config, sb_blocked=True,
-                                              interpret=interpreter_params()(), num_ctas=2)
-        assert _rel(got, want) < KERNEL_RTOL, _rel(got, want)
-        assert not np.asarray(got[sum(sizes):]).any()
-    with pytest.raises(ValueError, match="chain"):
+    with pytest.raises(ValueError, match=refusal):
         grouped_kernel.k_grouped_matmul(*_quantized(K, N, sizes, M)[2][:4], jnp.zeros(5, jnp.int32),
                                         jnp.zeros(5, jnp.int32), jnp.float32, config)
 
 
 @needs_interpreter
-def test_chained_tiles_lower_for_cuda():
-    """Config.chain through Pallas -> Mosaic GPU for sm_90 (K = 512: 4 steps, one round of 4 stages)."""
+@pytest.mark.parametrize("spec,K", [("128x128.m.2.4.lane.k2", 640), ("128x128.m.4.4.lane.c", 512)])
+def test_m_grouped_only_options_lower_for_cuda(spec, K):
+    """Through Pallas -> Mosaic GPU for sm_90, bf16 output (the shared-memory budget). k2: the chunk
+    slices of the swizzled tiles, wgmma_accumulator_load's waits, two accumulators. chain (K = 512:
+    4 steps, one round of 4 stages): the START / STEADY / STOP pipelines."""
     from dsjax.fp8 import grouped_kernel
 
-    fwd = _quantized(512, 256, (100, 0, 5, 200, 15), 330)[0]
-    config = grouped_kernel.Config.parse("128x128.m.4.4.lane.c")
-    fn = jax.jit(lambda *a: grouped_kernel.m_grouped_matmul(*a, jnp.bfloat16, config, sb_blocked=True, num_ctas=132))
-    assert "mosaic_gpu" in fn.trace(*fwd).lower(lowering_platforms=("cuda",)).as_text()
-
-
-@needs_interpreter
-def test_two_chunks_per_step_lowers_for_cuda():
-    """k_chunks=2 through Pallas -> Mosaic GPU for sm_90: the chunk slices of the swizzled tiles,
-    wgmma_accumulator_load's waits, two accumulators, the shared-memory budget (bf16 output)."""
-    from dsjax.fp8 import grouped_kernel
-
-    fwd = _quantized(640, 256, (100, 0, 5, 200, 15), 330)[0]
-    config = grouped_kernel.Config.parse("128x128.m.2.4.lane.k2")
+    fwd = _quantized(K, 256, (100, 0, 5, 200, 15), 330)[0]
+    config = grouped_kernel.Config.parse(spec)
     fn = jax.jit(lambda *a: grouped_kernel.m_grouped_matmul(*a, jnp.bfloat16, config, sb_blocked=True, num_ctas=132))
     assert "mosaic_gpu" in fn.trace(*fwd).lower(lowering_platforms=("cuda",)).as_text()
 
