@@ -63,7 +63,7 @@ tiles no load is in flight while the compute warpgroups store the finished tile 
 warpgroup reads the next tile's schedule, a bubble every K/128 steps, so it weighs 3.5x more at
 V3's K = 2048 than at 7168 (the suspect for the M-grouped kernels' 1.13-1.17x there). Chained, a
 CTA's pipelines run as one (Pallas's pipeline_state: START for its first tile with rows, STEADY
-after, then a STOP pipeline that drains the chain: one tile's loads, no WGMMA): the memory warpgroup
+after, then a STOP pipeline on a dropped extra tile that drains the chain): the memory warpgroup
 loads the next tile's first stages as the current tile's last steps release them. Pallas chains
 only pipelines of whole rounds of the stages, so it applies where K/128 % stages == 0 (V3's 2048
 and 7168 at 4 stages; not small.py's 1408, which runs unchained). Interpreter-exact, lowers for
@@ -321,8 +321,8 @@ def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Confi
             wg_idx = lax.axis_index("wg")
             step = _promote_step(cfg, wg_idx, sb_blocked)
 
-            def run_tile(group, block, ni, compute_context, state=None, body=step):
-                _pipeline(cfg, k_iters, body, compute_context, state=state)(
+            def run_tile(group, block, ni, compute_context, state=None):
+                _pipeline(cfg, k_iters, step, compute_context, state=state)(
                     *_operands(cfg, a_gmem.at[pl.ds(block * cta_m, cta_m), :],
                                b_gmem.at[group, pl.ds(ni * cta_n, cta_n), :],
                                sa_gmem.at[:, pl.ds(block * cta_m, cta_m)],
@@ -375,14 +375,13 @@ def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Confi
                     lambda info, carry: tile(info, carry))
 
                 # The chain ends in a STOP pipeline, whose memory warpgroup waits for the compute
-                # warpgroups' last releases: the first tile's loads once more, no WGMMA (a chained
-                # pipeline may differ in its body), nothing stored.
+                # warpgroups' last releases: one more tile (the first), its result dropped.
                 @pl.when(started != 0)
                 def _stop():
                     def drop(run_pipeline):
                         run_pipeline(_zero_acc(cfg))
 
-                    run_tile(0, 0, 0, drop, plgpu.PipelinePipeline.STOP, body=lambda _, *refs: refs[-1])
+                    run_tile(0, 0, 0, drop, plgpu.PipelinePipeline.STOP)
 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # before out_smem goes out of scope
 
