@@ -47,6 +47,8 @@ def main(argv):
     per_device = _PER_DEVICE.value or base.train.batch_size
     t = base.data.seq_len
     use_mtp = base.model.mtp.num_nextn_predict_layers > 0 and base.train.mtp_weight > 0
+    moe_layers = base.model.num_moe_layers + (base.model.mtp.num_nextn_predict_layers if use_mtp else 0)
+    pairs_per_token = base.model.moe.num_experts_per_tok * moe_layers  # routed (token, expert) pairs
     rows, result = [], {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "devices": jax.device_count(),
                         "per_device_batch": per_device, "seq_len": t, "meshes": {}}
     for spec in _MESHES.value:
@@ -64,8 +66,7 @@ def main(argv):
             print(f"mesh {spec}: FAILED {result['meshes'][spec]['error']}", flush=True)
             continue
         per_dev = batch * t / seconds / n
-        moe_layers = base.model.num_moe_layers + (base.model.mtp.num_nextn_predict_layers if use_mtp else 0)
-        pairs = batch * t * base.model.moe.num_experts_per_tok * moe_layers
+        pairs = batch * t * pairs_per_token
         row = {"devices": n, "batch": batch, "step_seconds": seconds, "tokens_per_s": batch * t / seconds,
                "tokens_per_s_per_device": per_dev, "compile_seconds": compile_s, "loss": metrics["loss"],
                "dropped_pairs": metrics.get("dropped_pairs", 0), "routed_pairs": pairs,

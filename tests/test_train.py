@@ -92,7 +92,8 @@ def test_step_reports_the_pairs_capacity_dispatch_drops():
         out = jax.jit(lambda s, b: loss_and_grads(config, s.params, s.router, b))(state, batch)
         _, metrics = step(state, batch)
     moe = config.model.moe
-    cap = math.ceil(moe.capacity_factor * 8 * 64 * moe.num_experts_per_tok / moe.n_routed_experts)
+    tokens = config.train.batch_size * config.data.seq_len
+    cap = math.ceil(moe.capacity_factor * tokens * moe.num_experts_per_tok / moe.n_routed_experts)
     loads = np.concatenate([np.asarray(out.moe_load).reshape(-1), *(np.asarray(l) for l in out.mtp_load)])
     want = int(np.maximum(loads - cap, 0).sum())
     assert want > 0 and int(metrics["dropped_pairs"]) == int(out.dropped) == want
