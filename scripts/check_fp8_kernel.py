@@ -50,6 +50,8 @@ def main():
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # partial output survives a timeout
 
+    if args.cpu_interpret:  # its warpgroup threads hung on one CPU device (jax 0.11.2); tests use 8
+        os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -336,6 +336,12 @@ def test_config_registers_and_spec():
     for spec in grouped_kernel.SWEEP_CONFIGS:
         for sb_blocked in (True, False):
             grouped_kernel.check_config(Config.parse(spec), jnp.bfloat16, sb_blocked)
+    # The M-grouped kernel's swizzled second output buffer: beside the default's 4 stages with the
+    # bf16 outputs gmm_block asks for, not with float32 (the interpreter tests' default cases then
+    # store every slice through the ladder); with 2 stages (the M-grouped-only cases) it fits float32.
+    assert grouped_kernel._swizzled_full_fits(grouped_kernel.M_GROUPED, jnp.bfloat16)
+    assert not grouped_kernel._swizzled_full_fits(grouped_kernel.M_GROUPED, jnp.float32)
+    assert grouped_kernel._swizzled_full_fits(Config(stages=2), jnp.float32)
 
 
 @needs_interpreter
