@@ -1,0 +1,144 @@
+"""Time versions of the FP8 M-grouped kernel against each other, interleaved in one process (one GPU).
+
+    git show HEAD~1:dsjax/fp8/grouped_kernel.py > /tmp/gk_before.py
+    python scripts/ab_fp8_grouped.py --variants=before=/tmp/gk_before.py,after=dsjax/fp8/grouped_kernel.py
+    python scripts/ab_fp8_grouped.py --variants=a=dsjax/fp8/grouped_kernel.py,b=dsjax/fp8/grouped_kernel.py@128x128.m.4.4.lane \
+        --shapes="V3 down fwd"
+
+A kernel change worth a few percent is lost in the drift between processes and calls (clocks, power,
+the GPU drawn): scripts/check_fp8_grouped.py times each kernel once, 5 x 3 calls, in a fixed order, and
+its FP8 / bf16 ratios have moved by 5-10% between calls on the same code. Here every variant
+(`NAME=PATH[@SPEC]`: a copy of dsjax/fp8/grouped_kernel.py, loaded as its own module, with its
+M_GROUPED or the kernel.Config spec SPEC) and the bf16 grouped kernel (grouped_gemm.MGPU) run on
+the same operands, after 3 s of load, in rounds: each round times 20 back-to-back calls of each, and
+the figure is the median over 7 rounds (the best round beside it). Before timing, each variant's
+output is compared with the first's (relative Frobenius difference; bit-equal variants print 0).
+
+Shapes (--shapes: name prefixes, comma-separated; default all): DeepSeek-V3's expert GEMMs, 131,072
+rows over 256 experts, bf16 outputs, as check_fp8_grouped.py builds them — the down forward (K = 2048,
+N = 7168) and up/gate dgrad (the same K and N), both with Dirichlet(2)-uneven expert loads, the down
+forward with 512 rows per expert (no tile straddles two experts), and the up/gate forward (K = 7168).
+Writes ab_fp8_grouped.json under $OUT (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from check_fp8_grouped import group_sizes  # noqa: E402  (scripts/ is on sys.path when run)
+
+# name -> (M rows, K, N, G experts, GEMM, equal loads)
+SHAPES = {
+    "V3 down fwd": (131_072, 2048, 7168, 256, "fwd", False),
+    "V3 up/gate dgrad": (131_072, 7168, 2048, 256, "dgrad", False),
+    "V3 down fwd, 512 rows each": (131_072, 2048, 7168, 256, "fwd", True),
+    "V3 up/gate fwd": (131_072, 7168, 2048, 256, "fwd", False),
+}
+ROUNDS, CALLS, LOAD_S = 7, 20, 3.0
+
+
+def load_variant(name: str, spec: str):
+    """(module, config or None) for NAME=PATH[@SPEC]."""
+    path, _, config = spec.partition("@")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--variants {name}: no file {path!r}")
+    module_spec = importlib.util.spec_from_file_location(f"grouped_kernel_{name}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module, module.Config.parse(config) if config else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", required=True, help="NAME=PATH[@SPEC],... (at least one)")
+    parser.add_argument("--shapes", default="", help="name prefixes of SHAPES to time (default: all)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for ab_fp8_grouped.json")
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from dsjax.fp8 import grouped as GR
+    from dsjax.fp8.quantize import quantize_blocks
+    from dsjax.model import grouped_gemm
+
+    variants = {}
+    for item in args.variants.split(","):
+        name, sep, spec = item.partition("=")
+        if not sep or not name or name == "bf16" or name in variants:
+            parser.error(f"--variants: {item!r} is not a new NAME=PATH[@SPEC] (NAME not bf16)")
+        variants[name] = load_variant(name, spec)
+    prefixes = tuple(p.strip() for p in args.shapes.split(",") if p.strip())
+    shapes = {k: v for k, v in SHAPES.items() if not prefixes or k.startswith(prefixes)}
+    if not shapes:
+        parser.error(f"--shapes {args.shapes!r} matches none of {list(SHAPES)}")
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; variants {list(variants)}", flush=True)
+
+    def calls(fn, operands):
+        out = None
+        for _ in range(CALLS):
+            out = fn(*operands)
+        return jax.block_until_ready(out)
+
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shapes": {}}
+    for sname, (M, K, N, G, gemm, equal) in shapes.items():
+        kx, kw, ks, kd = jax.random.split(jax.random.key(3), 4)
+        x = (jax.random.normal(kx, (M, K)) * jnp.exp(jax.random.normal(ks, (M, 1)))).astype(jnp.bfloat16)
+        w = (jax.random.normal(kw, (G, K, N)) * 0.05).astype(jnp.bfloat16)
+        dy = jax.random.normal(kd, (M, N)).astype(jnp.bfloat16)
+        gs = jnp.full((G,), M // G, jnp.int32) if equal else jnp.asarray(group_sizes(M, G, 3))
+        qw, sw = quantize_blocks(w, (128, 128))
+        if gemm == "fwd":  # y = x @ w[g]: a = x, b = w^T [G, N, K]
+            qx, sx = quantize_blocks(x, (1, 128))
+            fp8_args = (qx, sx, qw.transpose(0, 2, 1), GR._per_column(sw, N), gs)
+            fns = {"bf16": (jax.jit(grouped_gemm.MGPU.forward), (x, w, gs))}
+        else:  # dx = dy @ w[g]^T: a = dy, b = w itself
+            qdy, sdy = quantize_blocks(dy, (1, 128))
+            fp8_args = (qdy, sdy, qw, GR._per_column(sw.transpose(0, 2, 1), K), gs)
+            fns = {"bf16": (jax.jit(grouped_gemm.MGPU.input_grad), (dy, w, gs))}
+        fp8_args = jax.block_until_ready(fp8_args)
+        for name, (module, cfg) in variants.items():
+            fns[name] = (jax.jit(functools.partial(module.m_grouped_matmul, out_dtype=jnp.bfloat16, config=cfg,
+                                                   sb_blocked=True)), fp8_args)
+        first, diffs = None, {}
+        for name, (fn, operands) in fns.items():  # compile, and the outputs against the first variant's
+            y = jax.block_until_ready(fn(*operands))
+            if name != "bf16":
+                y = y.astype(jnp.float32)
+                first = y if first is None else first
+                diffs[name] = float(jnp.linalg.norm(y - first) / jnp.linalg.norm(first))
+        t_end = time.perf_counter() + LOAD_S
+        while time.perf_counter() < t_end:  # clocks and power settle under load first
+            calls(*fns["bf16"])
+        times = {name: [] for name in fns}
+        for _ in range(ROUNDS):
+            for name, (fn, operands) in fns.items():
+                t0 = time.perf_counter()
+                calls(fn, operands)
+                times[name].append((time.perf_counter() - t0) / CALLS)
+        flops = 2.0 * M * K * N
+        median = {n: flops / statistics.median(t) / 1e12 for n, t in times.items()}
+        best = {n: flops / min(t) / 1e12 for n, t in times.items()}
+        result["shapes"][sname] = {"shape": [M, K, N, G], "tflops_median": median, "tflops_best": best,
+                                   "rel_diff_to_first": diffs}
+        print(f"{sname} ({M} x {K} x {N} / {G}), TFLOP/s median (ratio to bf16; best round):", flush=True)
+        for n in fns:
+            diff = f"  diff to first {diffs[n]:.1e}" if n in diffs else ""
+            print(f"  {n:>12s} {median[n]:6.0f} ({median[n] / median['bf16']:.3f}x; best {best[n]:.0f}){diff}",
+                  flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "ab_fp8_grouped.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
