@@ -2,6 +2,7 @@
 layout, as jax's ragged_dot_mgpu.py enumerates it).
 
     m_tile_schedule(group_sizes_G, m, tile_m) -> int32 [4, m/tile_m + G - 1]
+    store_group_rows(o_smem, out_gmem, lo, count, height, row0, cols)   # in a Mosaic GPU kernel
 
 Rows are sorted into contiguous groups (the routed experts' token-expert pairs, DeepSeek-V3
 §2.1.2) and each group multiplies its own weight matrix. An M-grouped kernel (forward, input
@@ -11,7 +12,7 @@ The schedule lists, per output tile, (group, row block, first row in the block, 
 computed by XLA before the kernel call, so a tile reads four scalars instead of scanning all G
 group sizes. Tiles with no rows (empty groups, the tail past sum(group_sizes)) list 0 rows and
 the kernels skip them. Used by the bf16 kernels (model/grouped_gemm_kernel.py) and the FP8 ones
-(fp8/grouped_kernel.py).
+(fp8/grouped_kernel.py), which store a pass's rows with `store_group_rows`.
 """
 
 from __future__ import annotations
@@ -42,3 +43,23 @@ def m_tile_schedule(group_sizes_G: jax.Array, m: int, tile_m: int) -> jax.Array:
     live_S = rows_S > 0
     return jnp.stack([g_S, jnp.where(live_S, block_S, 0), jnp.where(live_S, lo_S - block_S * tile_m, 0),
                       rows_S]).astype(jnp.int32)
+
+
+def store_group_rows(o_smem, out_gmem, lo, count, height: int, row0, cols) -> None:
+    """Inside a Pallas Mosaic GPU kernel: TMA-store rows [lo, lo + count) of the unswizzled shared-
+    memory tile `o_smem` (`height` rows) to rows row0 + lo ... of `out_gmem` (columns `cols`), as a
+    ladder of 2^i-row stores (static shapes, dynamic offsets), one per set bit of count. A pass over
+    a tile shared by several groups writes only its own group's rows this way."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if height & (height - 1):
+        raise ValueError(f"the grouped store ladder needs a power-of-two tile height (got {height})")
+    size = height
+    while size:
+        @pl.when(count & size != 0)
+        def _store(lo=lo, size=size):
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(lo, size)], out_gmem.at[pl.ds(row0 + lo, size), cols])
+
+        lo = lo + (count & size)
+        size //= 2

@@ -121,6 +121,8 @@ def test_bad_tiles_are_refused_with_the_reason():
     gs = jnp.asarray([100, 100], jnp.int32)
     with pytest.raises(ValueError, match="shared memory"):
         gk.m_grouped(x, w, gs, False, gk.Tiles(stages=4))
+    with pytest.raises(ValueError, match="power-of-two tile_m"):
+        gk.m_grouped(x, w, gs, False, gk.Tiles(tile_m=192, tile_n=64))
     with pytest.raises(ValueError, match="delay_release=0 only"):
         gk.k_grouped(x, x, gs, gk.Tiles(delay_release=1))
     with pytest.raises(ValueError, match="multiples"):

@@ -106,7 +106,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsjax.fp8.kernel import (BLOCK_K, FP8, MEMORY_REGISTERS, SMEM_LIMIT, Config, _fp8_transforms, _pad_to,
                               num_sms, swizzle_transforms)
-from dsjax.group_tiles import m_tile_schedule
+from dsjax.group_tiles import m_tile_schedule, store_group_rows
 
 # kernel.py's default: 128 x 128 CTA tile, two 64 x 128 math warpgroups along M, 4 stages; the
 # M-grouped kernel's tiles chained (one H200, 2026-11-29: +3-5% at V3's K = 2048, equal at 7168).
@@ -373,16 +373,7 @@ def _m_grouped_call(sched_4S, a_MK, b_GNK, saT_JM, sb_GJN, out_dtype, cfg: Confi
                         o_smem = out_smem.at[wg_idx]
                         o_smem[...] = y
                         plgpu.commit_smem()
-                        start, size = lo, wg_m
-                        while size:  # count = sum of its bits: one static-shape TMA store per set bit
-                            @pl.when(count & size != 0)
-                            def _store(start=start, size=size):
-                                plgpu.copy_smem_to_gmem(
-                                    o_smem.at[pl.ds(start, size)],
-                                    out_gmem.at[pl.ds(block * cta_m + wg_row0 + start, size), out_cols])
-
-                            start = start + (count & size)
-                            size //= 2
+                        store_group_rows(o_smem, out_gmem, lo, count, wg_m, block * cta_m + wg_row0, out_cols)
 
                     if full_smem is None:
                         store_rows()

@@ -58,7 +58,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from dsjax.fp8.kernel import SMEM_LIMIT, SMEM_SLACK, num_sms, swizzle_transforms
-from dsjax.group_tiles import m_tile_schedule
+from dsjax.group_tiles import m_tile_schedule, store_group_rows
 
 NUM_COMPUTE_WGS = 2
 
@@ -85,6 +85,8 @@ class Tiles:
     def check(self):
         if self.tile_m % 64 or self.tile_n % 64 or self.tile_k % 64 or self.tile_n > 256:
             raise ValueError(f"{self}: WGMMA tiles need tile_m, tile_n, tile_k multiples of 64, tile_n <= 256")
+        if self.tile_m & (self.tile_m - 1):
+            raise ValueError(f"{self}: the grouped store ladder needs a power-of-two tile_m")
         if self.tile_m * self.tile_n > 128 * 128:
             raise ValueError(f"{self}: a {self.tile_m} x {self.tile_n} f32 accumulator per warpgroup "
                              "exceeds the register file")
@@ -194,15 +196,7 @@ def m_grouped(lhs_MK, rhs, group_sizes_G, transpose_rhs: bool = False, tiles: Ti
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores read it
                         o_smem[...] = y
                         plgpu.commit_smem()
-                        lo, size = first, tm
-                        while size:  # rows = sum of its bits: one static-shape TMA store per set bit
-                            @pl.when(rows & size != 0)
-                            def _store(lo=lo, size=size):
-                                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(lo, size)],
-                                                        out_gmem.at[pl.ds(block * tm + lo, size), out_cols])
-
-                            lo = lo + (rows & size)
-                            size //= 2
+                        store_group_rows(o_smem, out_gmem, first, rows, tm, block * tm, out_cols)
 
                 @pl.when(rows > 0)
                 def _run():
