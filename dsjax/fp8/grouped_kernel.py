@@ -21,10 +21,11 @@ ladder of 2^i-row TMA stores (static shapes, dynamic offsets) from an unswizzled
 (any first row; its row stride of 256 bytes puts a WGMMA-layout store's 8 rows in the same banks).
 A warpgroup slice whose rows all belong to the group (most slices) is stored whole from a second,
 swizzled buffer (conflict-free), where that fits shared memory beside the stages: with bf16
-outputs at the default 4 stages, not with float32. On one H200 (2026-11-29, session 10, the
-variants timed interleaved in one process) V3's down forward with 512 rows per expert went 666 ->
-713 TFLOP/s (+7%); with Dirichlet-uneven loads (1,279 tile passes for 1,024 row tiles, 255
-group boundaries inside tiles) 563 -> 566, equal. The schedule (group, row block,
+outputs at the default 4 stages, not with float32. On one H200 (2026-11-29, session 10,
+scripts/ab_fp8_grouped.py, three calls) V3's down forward with 512 rows per expert gained 5.5-8%
+(651 -> 687 TFLOP/s in the last call); with Dirichlet-uneven loads (1,279 tile passes for 1,024
+row tiles, 255 group boundaries inside tiles, so more slices take the ladder) V3's K = 2048
+kernels moved -3.6 to +0.5%, -1.5% on average. The schedule (group, row block,
 first row in the block, rows) per tile is computed by XLA before the call
 (`group_tiles.m_tile_schedule`), so a tile reads four scalars instead of scanning all G group
 sizes as GroupInfo does; tiles with no rows (empty groups, the tail past sum(group_sizes)) skip
