@@ -16,7 +16,8 @@ output is compared with the first's (relative Frobenius difference; bit-equal va
 
 Shapes (--shapes: name prefixes, comma-separated; default all): DeepSeek-V3's expert GEMMs, 131,072
 rows over 256 experts, bf16 outputs, as check_fp8_grouped.py builds them — the down forward (K = 2048,
-N = 7168) and up/gate dgrad (the same K and N), both with Dirichlet(2)-uneven expert loads, the down
+N = 7168) and up/gate dgrad (the same K and N), both with Dirichlet(2)-uneven expert loads (operands
+from check_fp8_grouped.raw and .quantized, seed 3, as its timed shapes), the down
 forward with 512 rows per expert (no tile straddles two experts), and the up/gate forward (K = 7168).
 Writes ab_fp8_grouped.json under $OUT (or --out).
 """
@@ -34,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_fp8_grouped import group_sizes  # noqa: E402  (scripts/ is on sys.path when run)
+from check_fp8_grouped import quantized, raw  # noqa: E402  (scripts/ is on sys.path when run)
 
 # name -> (M rows, K, N, G experts, GEMM, equal loads)
 SHAPES = {
@@ -67,8 +68,6 @@ def main():
     import jax
     import jax.numpy as jnp
 
-    from dsjax.fp8 import grouped as GR
-    from dsjax.fp8.quantize import quantize_blocks
     from dsjax.model import grouped_gemm
 
     variants = {}
@@ -91,19 +90,15 @@ def main():
 
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shapes": {}}
     for sname, (M, K, N, G, gemm, equal) in shapes.items():
-        kx, kw, ks, kd = jax.random.split(jax.random.key(3), 4)
-        x = (jax.random.normal(kx, (M, K)) * jnp.exp(jax.random.normal(ks, (M, 1)))).astype(jnp.bfloat16)
-        w = (jax.random.normal(kw, (G, K, N)) * 0.05).astype(jnp.bfloat16)
-        dy = jax.random.normal(kd, (M, N)).astype(jnp.bfloat16)
-        gs = jnp.full((G,), M // G, jnp.int32) if equal else jnp.asarray(group_sizes(M, G, 3))
-        qw, sw = quantize_blocks(w, (128, 128))
-        if gemm == "fwd":  # y = x @ w[g]: a = x, b = w^T [G, N, K]
-            qx, sx = quantize_blocks(x, (1, 128))
-            fp8_args = (qx, sx, qw.transpose(0, 2, 1), GR._per_column(sw, N), gs)
+        x, w, dy, gs = raw(M, K, N, G, seed=3, dtype=jnp.bfloat16)
+        if equal:
+            gs = jnp.full((G,), M // G, jnp.int32)
+        fwd, dgrad, _ = quantized(x, w, dy, gs)
+        if gemm == "fwd":  # y = x @ w[g]
+            fp8_args = (*fwd, gs)
             fns = {"bf16": (jax.jit(grouped_gemm.MGPU.forward), (x, w, gs))}
-        else:  # dx = dy @ w[g]^T: a = dy, b = w itself
-            qdy, sdy = quantize_blocks(dy, (1, 128))
-            fp8_args = (qdy, sdy, qw, GR._per_column(sw.transpose(0, 2, 1), K), gs)
+        else:  # dx = dy @ w[g]^T
+            fp8_args = (*dgrad, gs)
             fns = {"bf16": (jax.jit(grouped_gemm.MGPU.input_grad), (dy, w, gs))}
         fp8_args = jax.block_until_ready(fp8_args)
         for name, (module, cfg) in variants.items():

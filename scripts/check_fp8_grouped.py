@@ -85,6 +85,45 @@ def group_sizes(m: int, g: int, seed: int, empty: int | None = None, alpha: floa
     return sizes.astype(np.int32)
 
 
+def raw(M, K, N, G, seed=0, dtype=None, empty=None, alpha=DIRICHLET_ALPHA):
+    """x [M, K] (rows of varying scale), w [G, K, N], dy [M, N] in `dtype` (default float32) and
+    Dirichlet(alpha) group sizes (expert `empty` given none)."""
+    import jax
+    import jax.numpy as jnp
+    kx, kw, ks, kd = jax.random.split(jax.random.key(seed), 4)
+    dtype = dtype or jnp.float32
+    x = (jax.random.normal(kx, (M, K)) * jnp.exp(jax.random.normal(ks, (M, 1)))).astype(dtype)
+    w = (jax.random.normal(kw, (G, K, N)) * 0.05).astype(dtype)
+    dy = jax.random.normal(kd, (M, N)).astype(dtype)
+    return x, w, dy, jnp.asarray(group_sizes(M, G, seed, empty, alpha))
+
+
+def quantized(x, w, dy, gs):
+    """The FP8 operands of the three GEMMs (fwd, dgrad: a, sa, b, sb; wgrad: a, sa, b, sb), laid out
+    as gmm_block's custom_vjp builds them."""
+    return _quantize_fn()(x, w, dy, gs)
+
+
+@functools.cache
+def _quantize_fn():
+    import jax
+    from dsjax.fp8 import grouped as GR
+    from dsjax.fp8.quantize import quantize_blocks
+
+    @jax.jit
+    def build(x, w, dy, gs):
+        K, N = w.shape[1:]
+        qx, sx = quantize_blocks(x, (1, 128))
+        qw, sw = quantize_blocks(w, (128, 128))
+        qdy, sdy = quantize_blocks(dy, (1, 128))
+        fwd = (qx, sx, qw.transpose(0, 2, 1), GR._per_column(sw, N))
+        dgrad = (qdy, sdy, qw, GR._per_column(sw.transpose(0, 2, 1), K))
+        wgrad = (*GR.quantize_wgrad(x, gs), *GR.quantize_wgrad(dy, gs))
+        return fwd, dgrad, wgrad
+
+    return build
+
+
 def k_config(GK, cfg):
     """The K-grouped (wgrad) kernel's config for candidate `cfg`: the library's K_GROUPED beside its
     M_GROUPED, None for M-grouped-only options (k_chunks > 1, chain), else `cfg` itself."""
@@ -143,7 +182,6 @@ def main():
 
     from dsjax.fp8 import grouped as GR
     from dsjax.fp8 import grouped_kernel as GK
-    from dsjax.fp8.quantize import quantize_blocks
     from dsjax.model import grouped_gemm
 
     ref_backend, shapes, checks, layer_shapes = "xla_gpu", SHAPES, CHECKS, LAYER_SHAPES
@@ -212,25 +250,6 @@ def main():
             res["errors"][name] = short_error(e)
             print(f"  error {name}: " + short_error(e))
             return None
-
-    def raw(M, K, N, G, seed=0, dtype=jnp.float32, empty=None, alpha=DIRICHLET_ALPHA):
-        kx, kw, ks, kd = jax.random.split(jax.random.key(seed), 4)
-        x = (jax.random.normal(kx, (M, K)) * jnp.exp(jax.random.normal(ks, (M, 1)))).astype(dtype)
-        w = (jax.random.normal(kw, (G, K, N)) * 0.05).astype(dtype)
-        dy = jax.random.normal(kd, (M, N)).astype(dtype)
-        return x, w, dy, jnp.asarray(group_sizes(M, G, seed, empty, alpha))
-
-    @jax.jit
-    def quantized(x, w, dy, gs):
-        """The FP8 operands of the three GEMMs, laid out as gmm_block's custom_vjp builds them."""
-        K, N = w.shape[1:]
-        qx, sx = quantize_blocks(x, (1, 128))
-        qw, sw = quantize_blocks(w, (128, 128))
-        qdy, sdy = quantize_blocks(dy, (1, 128))
-        fwd = (qx, sx, qw.transpose(0, 2, 1), GR._per_column(sw, N))
-        dgrad = (qdy, sdy, qw, GR._per_column(sw.transpose(0, 2, 1), K))
-        wgrad = (*GR.quantize_wgrad(x, gs), *GR.quantize_wgrad(dy, gs))
-        return fwd, dgrad, wgrad
 
     def tile_args(gs):
         _, tile_start, tiles = GR.group_tiles(gs, 0)
