@@ -4,6 +4,7 @@
     python scripts/ab_fp8_grouped.py --variants=before=/tmp/gk_before.py,after=dsjax/fp8/grouped_kernel.py
     python scripts/ab_fp8_grouped.py --variants=a=dsjax/fp8/grouped_kernel.py,b=dsjax/fp8/grouped_kernel.py@128x128.m.4.4.lane \
         --shapes="V3 down fwd"
+    python scripts/ab_fp8_grouped.py --variants=a=dsjax/fp8/grouped_kernel.py --dense   # + dense ceilings
 
 A kernel change worth a few percent is lost in the drift between processes and calls (clocks, power,
 the GPU drawn): scripts/check_fp8_grouped.py times each kernel once, 5 x 3 calls, in a fixed order, and
@@ -18,7 +19,9 @@ Shapes (--shapes: name prefixes, comma-separated; default all): DeepSeek-V3's ex
 rows over 256 experts, bf16 outputs, as check_fp8_grouped.py builds them — the down forward (K = 2048,
 N = 7168) and up/gate dgrad (the same K and N), both with Dirichlet(2)-uneven expert loads (operands
 from check_fp8_grouped.raw and .quantized, seed 3, as its timed shapes), the down
-forward with 512 rows per expert (no tile straddles two experts), and the up/gate forward (K = 7168).
+forward with 512 rows per expert (no tile straddles two experts), and the up/gate forward (K = 7168);
+then the two K = 2048 GEMMs as one GPU of V3's 64-way expert parallelism runs them: 4 experts,
+32,768 rows (~8,192 each, Dirichlet-uneven; DeepGEMM's grouped benchmark shape, 4 x 8192).
 Writes ab_fp8_grouped.json under $OUT (or --out).
 """
 
@@ -43,6 +46,8 @@ SHAPES = {
     "V3 up/gate dgrad": (131_072, 7168, 2048, 256, "dgrad", False),
     "V3 down fwd, 512 rows each": (131_072, 2048, 7168, 256, "fwd", True),
     "V3 up/gate fwd": (131_072, 7168, 2048, 256, "fwd", False),
+    "V3/EP64 down fwd": (32_768, 2048, 7168, 4, "fwd", False),
+    "V3/EP64 up/gate dgrad": (32_768, 7168, 2048, 4, "dgrad", False),
 }
 ROUNDS, CALLS, LOAD_S = 7, 20, 3.0
 
@@ -62,12 +67,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", required=True, help="NAME=PATH[@SPEC],... (at least one)")
     parser.add_argument("--shapes", default="", help="name prefixes of SHAPES to time (default: all)")
+    parser.add_argument("--dense", action="store_true",
+                        help="also time dense GEMMs of the same M, K, N on expert 0's weights: bf16 jnp.dot and "
+                             "kernel.block_scaled_matmul (the ceilings without grouping)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for ab_fp8_grouped.json")
     args = parser.parse_args()
 
     import jax
     import jax.numpy as jnp
 
+    from dsjax.fp8 import kernel
     from dsjax.model import grouped_gemm
 
     variants = {}
@@ -101,13 +110,19 @@ def main():
             fp8_args = (*dgrad, gs)
             fns = {"bf16": (jax.jit(grouped_gemm.MGPU.input_grad), (dy, w, gs))}
         fp8_args = jax.block_until_ready(fp8_args)
+        if args.dense:  # the same FLOPs with one weight matrix: the grouping's cost is the difference
+            dense_bf16 = (x, w[0]) if gemm == "fwd" else (dy, w[0].T)
+            fns["dense bf16"] = (jax.jit(jnp.dot), dense_bf16)
+            qa, sa, qb, sb = fp8_args[:4]
+            fns["dense fp8"] = (jax.jit(functools.partial(kernel.block_scaled_matmul, out_dtype=jnp.bfloat16,
+                                                          sb_blocked=True)), (qa, sa, qb[0], sb[0]))
         for name, (module, cfg) in variants.items():
             fns[name] = (jax.jit(functools.partial(module.m_grouped_matmul, out_dtype=jnp.bfloat16, config=cfg,
                                                    sb_blocked=True)), fp8_args)
         first, diffs = None, {}
         for name, (fn, operands) in fns.items():  # compile, and the outputs against the first variant's
             y = jax.block_until_ready(fn(*operands))
-            if name != "bf16":
+            if name in variants:
                 y = y.astype(jnp.float32)
                 first = y if first is None else first
                 diffs[name] = float(jnp.linalg.norm(y - first) / jnp.linalg.norm(first))

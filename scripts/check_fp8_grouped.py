@@ -4,6 +4,7 @@
     python scripts/check_fp8_grouped.py --only=small --configs=sweep              # tile-config sweep
     python scripts/check_fp8_grouped.py --only=small --alpha=1000                # near-equal expert loads
     python scripts/check_fp8_grouped.py --only=K-sweep --configs=128x128.m.4.4.lane   # per-tile cost
+    python scripts/check_fp8_grouped.py --only=V3/EP64                             # 4 experts per GPU
     python scripts/check_fp8_grouped.py --cpu-interpret [--configs=...]           # dry run on CPU, jax >= 0.11
 
 (a) Correctness, relative Frobenius error (~1e-4 with float32 outputs, ~7e-4 with bf16; FAIL above 2e-3):
@@ -19,7 +20,8 @@
     (131,072 rows over 256 experts, 7168 -> 2048 and 2048 -> 7168); then fwd+bwd (quantization
     included, bf16 x and w) of gmm_block pallas_gpu vs grouped_gemm.gmm(kind="pallas_mgpu").
     Each FP8 kernel runs in two tile configs: grouped_kernel's defaults (M_GROUPED, K_GROUPED: 4
-    stages, Lane semantics, the M-grouped tiles chained) and "wg" (3 stages, 8-tile snake, Warpgroup semantics: kernel.py's BLOCKED, the
+    stages; the M-grouped tiles chained, Warpgroup semantics, 64-tile snake bands; K_GROUPED Lane
+    semantics, 4-tile bands) and "wg" (3 stages, 8-tile snake, Warpgroup semantics: kernel.py's BLOCKED, the
     dense kernel's best forward/dgrad config on H200); the better one should become the default.
     The K-grouped kernel's bf16 column is what gmm_block runs with bf16 weights; "wgrad f32" is its
     float32 output (f32 master weights), which at 256 experts is bound by writing dw.
@@ -65,6 +67,10 @@ SHAPES = {
 # separates a per-output-tile cost a from the per-128-K step cost b (the FP8 kernels fall short at
 # K = 2048, not at 7168).
 K_SWEEP = {f"K-sweep {k}": (131_072, k, 7168, 256) for k in (1024, 2048, 4096, 7168)}
+# Timed only on request (--only="V3/EP64"): V3's expert GEMMs as one GPU of its 64-way expert
+# parallelism runs them (paper §3.4: 4 experts per GPU), ~8,192 rows each as in DeepGEMM's grouped
+# benchmark (4 x 8192): each expert's weights serve 64 row tiles instead of the 4 of 512 rows.
+EP_SHAPES = {"V3/EP64 up/gate": (32_768, 7168, 2048, 4), "V3/EP64 down": (32_768, 2048, 7168, 4)}
 CHECKS = {"aligned": (4096, 1024, 768, 8), "unaligned": (1000, 1000, 200, 5)}
 LAYER_SHAPES = ("small up/gate", "V3 up/gate")
 DIRICHLET_ALPHA = 2.0  # uneven expert loads (--alpha; large values approach a balanced router's equal loads)
@@ -214,7 +220,7 @@ def main():
     if args.quick:
         shapes = {k: v for k, v in shapes.items() if k.startswith("small")}
     if args.only:
-        shapes = {k: v for k, v in {**shapes, **K_SWEEP}.items() if k.startswith(args.only)}
+        shapes = {k: v for k, v in {**shapes, **K_SWEEP, **EP_SHAPES}.items() if k.startswith(args.only)}
         layer_shapes = tuple(k for k in layer_shapes if k.startswith(args.only))
 
     dev = jax.devices()[0]

@@ -225,7 +225,10 @@ _CASE_512, _CASE_640 = ((k, 256, (100, 0, 5, 200, 15), 330) for k in (512, 640))
 M_ONLY_CASES = ([pytest.param(dict(k_chunks=2), "not per-column sb", *case, id=f"k2-{case[0]}")
                  for case in (*KERNEL_CASES, _CASE_640)]
                 + [pytest.param(dict(chain=True), "chain", *case, id=f"chain-{case[0]}")
-                   for case in (*KERNEL_CASES, _CASE_512, _CASE_640)])
+                   for case in (*KERNEL_CASES, _CASE_512, _CASE_640)]
+                # M_GROUPED's lowering and band width (the default's own cases do not chain: 4 stages)
+                + [pytest.param(dict(chain=True, semantics="warpgroup", grid_tile_width=64), "chain", *_CASE_512,
+                                id="chain-wg-512")])
 
 
 @needs_interpreter

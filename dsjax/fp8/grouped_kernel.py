@@ -110,8 +110,12 @@ from dsjax.fp8.kernel import (BLOCK_K, FP8, MEMORY_REGISTERS, SMEM_LIMIT, Config
 from dsjax.group_tiles import m_tile_schedule, store_group_rows
 
 # kernel.py's default: 128 x 128 CTA tile, two 64 x 128 math warpgroups along M, 4 stages; the
-# M-grouped kernel's tiles chained (one H200, 2026-11-29: +3-5% at V3's K = 2048, equal at 7168).
-M_GROUPED = Config(chain=True)
+# M-grouped kernel's tiles chained (one H200, 2026-11-29: +3-5% at V3's K = 2048, equal at 7168),
+# lowered with Warpgroup semantics, its snake bands as wide as the output (64 tiles: each row tile
+# read once per pass over N). One H200, 2026-11-30, scripts/ab_fp8_grouped.py --dense (interleaved):
+# +3-5% over Lane semantics with 4-tile bands on V3's four kernels at 256 experts, +6-9% at 4
+# experts of ~8,192 rows; the configs/small.py step 208.3 / 207.7 vs 210.0 ms (BENCHMARKS.md).
+M_GROUPED = Config(chain=True, semantics="warpgroup", grid_tile_width=64)
 K_GROUPED = Config()
 _LATE_COL_CHUNK = 32  # per-column sb loaded after the WGMMA: at most this many columns at a time
 # Candidate tilings for the GPU sweep, as Config.parse specs (scripts/check_fp8_grouped.py
