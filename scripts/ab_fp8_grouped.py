@@ -34,11 +34,11 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_fp8_grouped import quantized, raw  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import interleaved  # noqa: E402  (scripts/ is on sys.path when run)
+from check_fp8_grouped import quantized, raw  # noqa: E402
 
 # name -> (M rows, K, N, G experts, GEMM, equal loads)
 SHAPES = {
@@ -91,12 +91,6 @@ def main():
         parser.error(f"--shapes {args.shapes!r} matches none of {list(SHAPES)}")
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; variants {list(variants)}", flush=True)
 
-    def calls(fn, operands):
-        out = None
-        for _ in range(CALLS):
-            out = fn(*operands)
-        return jax.block_until_ready(out)
-
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shapes": {}}
     for sname, (M, K, N, G, gemm, equal) in shapes.items():
         x, w, dy, gs = raw(M, K, N, G, seed=3, dtype=jnp.bfloat16)
@@ -126,15 +120,7 @@ def main():
                 y = y.astype(jnp.float32)
                 first = y if first is None else first
                 diffs[name] = float(jnp.linalg.norm(y - first) / jnp.linalg.norm(first))
-        t_end = time.perf_counter() + LOAD_S
-        while time.perf_counter() < t_end:  # clocks and power settle under load first
-            calls(*fns["bf16"])
-        times = {name: [] for name in fns}
-        for _ in range(ROUNDS):
-            for name, (fn, operands) in fns.items():
-                t0 = time.perf_counter()
-                calls(fn, operands)
-                times[name].append((time.perf_counter() - t0) / CALLS)
+        times = interleaved(fns, ROUNDS, CALLS, LOAD_S)  # bf16 first: its calls are the load
         flops = 2.0 * M * K * N
         median = {n: flops / statistics.median(t) / 1e12 for n, t in times.items()}
         best = {n: flops / min(t) / 1e12 for n, t in times.items()}

@@ -32,6 +32,32 @@ def timed(fn, *args, inner=10, outer=5):
     return statistics.median(times)
 
 
+def interleaved(fns: dict, rounds: int = 7, calls: int = 20, load_s: float = 3.0) -> dict:
+    """{name: [seconds per call, one per round]} for {name: (fn, args)}, compiled already: after
+    `load_s` of the first fn (clocks and power settle under load), each round times `calls`
+    back-to-back calls of each fn in turn, so drift between processes and calls (the same bf16 GEMM
+    has timed ±8% apart in runs minutes apart) moves every fn alike."""
+    import jax
+
+    def run(fn, args):
+        out = None
+        for _ in range(calls):
+            out = fn(*args)
+        return jax.block_until_ready(out)
+
+    first = next(iter(fns.values()))
+    t_end = time.perf_counter() + load_s
+    while time.perf_counter() < t_end:
+        run(*first)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            run(fn, args)
+            times[name].append((time.perf_counter() - t0) / calls)
+    return times
+
+
 def fwd_bwd_ms(gemm, x, w, repeat: int = 3) -> float:
     """Milliseconds of one forward + both gradients of `gemm(x, w)` (`timed`, repeat x repeat),
     through a loss that needs y, so that the forward GEMM is not dead code (as it is for sum(y))."""

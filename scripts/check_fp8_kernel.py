@@ -10,7 +10,8 @@
     - make_dot("block", "pallas_gpu") vs make_dot("block", "xla_gpu"): y, dx, dw (fwd + both grads,
       f32 operands so that bf16 rounding does not hide the comparison), and that the compiled HLO
       holds three Mosaic GPU custom calls.
-(b) Speed, TFLOP/s (2MNK / median time of back-to-back calls on pre-quantized operands): the kernel
+(b) Speed, TFLOP/s (2MNK / median over 5 rounds of 10 back-to-back calls on pre-quantized operands,
+    every GEMM of a shape timed in turn within each round: check_common.interleaved): the kernel
     per config vs bf16 jnp.dot vs XLA per-tensor FP8 (cuBLASLt, ANY_F8_ANY_F8_F32), and the XLA
     split-K block path on the first shape; then block-mode fwd+bwd through make_dot, pallas_gpu vs
     xla_gpu vs tensor vs none.
@@ -28,11 +29,12 @@ import functools
 import json
 import os
 import re
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_common import fwd_bwd_ms, ms_line, report, short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import fwd_bwd_ms, interleaved, ms_line, report, short_error  # noqa: E402  (scripts/ is on sys.path when run)
 
 SHAPES = ((4096, 7168, 2048), (4096, 2048, 7168), (16384, 7168, 7168))  # M, K, N
 CHECK_SHAPE = (1024, 1536, 768)
@@ -181,17 +183,17 @@ def main():
     header = f"  {'M x K x N':>17s} {'bf16':>6s} {'fp8 tensor':>10s} {'xla split-K':>11s} " + " ".join(
         f"{c:>13s}" for c in configs)
     print(header)
-    def bench(row, flops, shape, name, fn, *a):
-        try:
-            row[name] = flops / timed(fn, *a) / 1e12
-        except Exception as e:  # noqa: BLE001 - report and continue
-            row[name] = None
-            res["errors"][f"{name} {shape}"] = short_error(e)
-
     for (M, Kd, N) in shapes:
         shape = f"{M}x{Kd}x{N}"
-        row = {}
-        bench_row = functools.partial(bench, row, 2.0 * M * Kd * N, shape)
+        fns = {}
+
+        def bench_row(name, fn, *a):  # compiled now (a failure is recorded, not fatal), timed below
+            try:
+                jax.block_until_ready(fn(*a))
+                fns[name] = (fn, a)
+            except Exception as e:  # noqa: BLE001 - report and continue
+                res["errors"][f"{name} {shape}"] = short_error(e)
+
         x, w, qx, sx, qw, sw, sb = operands(M, Kd, N)
         qwT = jax.block_until_ready(qw.T)
         xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
@@ -207,6 +209,8 @@ def main():
         for cname, (cfg, blocked) in configs.items():
             bench_row(cname, jax.jit(functools.partial(
                 K.block_scaled_matmul, out_dtype=jnp.bfloat16, config=cfg, sb_blocked=blocked)), qx, sx, qwT, sb)
+        times = interleaved(fns, rounds=5, calls=10) if fns else {}  # round-robin: drift moves all alike
+        row = {name: 2.0 * M * Kd * N / statistics.median(t) / 1e12 for name, t in times.items()}
         res["tflops"][shape] = row
         save()
         def fmt(v, wd):
