@@ -13,7 +13,8 @@
       Dirichlet-uneven groups, one empty expert, and an unaligned shape (M, K, N padded inside);
     - gmm_block(..., "pallas_gpu") vs gmm_block(..., "xla_gpu"): y, dx, dw (f32 operands), and that
       the compiled fwd+bwd HLO holds three Mosaic GPU custom calls.
-(b) Speed, TFLOP/s (2MKN / median time of back-to-back calls), bf16 outputs: the FP8 kernels on
+(b) Speed, TFLOP/s (2MKN / median time of back-to-back calls, every GEMM of a shape timed in turn
+    per round: check_common.interleaved), bf16 outputs: the FP8 kernels on
     pre-quantized operands vs the bf16 Pallas grouped kernels (grouped_gemm.MGPU: forward,
     input_grad, weight_grad) and a dense bf16 jnp.dot of the same FLOPs, on configs/small.py's
     expert GEMMs (98,304 rows over 64 experts, 2048 -> 1408 and 1408 -> 2048) and DeepSeek-V3's
@@ -49,11 +50,12 @@ import functools
 import json
 import os
 import re
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_common import fwd_bwd_ms, ms_line, report, short_error, timed  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import fwd_bwd_ms, interleaved, ms_line, report, short_error  # noqa: E402  (scripts/ is on sys.path when run)
 
 # name -> (M rows, K, N, G experts): each expert GEMM as [M, K] x [G, K, N].
 SHAPES = {
@@ -341,13 +343,11 @@ def main():
         return f"    {suffix.strip():>22s}  " + "  ".join(parts)
 
     for sname, (M, K, N, G) in shapes.items():
-        row = {}
-        flops = 2.0 * M * K * N
-        inner, outer = (1, 1) if args.cpu_interpret else (5, 3) if M * K * N > 1e12 else (10, 5)
+        fns = {}
 
-        def bench(col, fn, *a):
-            v = guarded(f"{col} {sname}", lambda: flops / timed(fn, *a, inner=inner, outer=outer) / 1e12)
-            row[col] = v
+        def bench(col, fn, *a):  # compiled now (a failure is recorded, not fatal), timed below
+            if guarded(f"{col} {sname}", lambda: jax.block_until_ready(fn(*a))) is not None:
+                fns[col] = (fn, a)
 
         x, w, dy, gs = raw(M, K, N, G, seed=3, dtype=jnp.bfloat16, alpha=args.alpha)
         fwd, dgrad, wgrad = jax.block_until_ready(quantized(x, w, dy, gs))
@@ -368,6 +368,10 @@ def main():
         if not sweep:
             bench("wgrad fp8 f32", jax.jit(functools.partial(GK.k_grouped_matmul, out_dtype=jnp.float32)),
                   *wgrad, *tiles)
+        # round-robin, so that drift between calls moves every kernel alike
+        rounds, calls = (1, 1) if args.cpu_interpret else (3, 5) if M * K * N > 1e12 else (5, 10)
+        times = interleaved(fns, rounds, calls, load_s=0.0 if args.cpu_interpret else 3.0) if fns else {}
+        row = {col: 2.0 * M * K * N / statistics.median(t) / 1e12 for col, t in times.items()}
         res["tflops"][sname] = {"shape": [M, K, N, G], **row}
         save()
         print(f"  {sname:>14s} {f'{M}x{K}x{N} / {G}':>22s} " + " ".join(fmt(row.get(c)) for c in cols))
