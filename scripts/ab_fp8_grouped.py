@@ -37,7 +37,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_common import interleaved  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import gpu_state, interleaved  # noqa: E402  (scripts/ is on sys.path when run)
 from check_fp8_grouped import quantized, raw  # noqa: E402
 
 # name -> (M rows, K, N, G experts, GEMM, equal loads)
@@ -91,7 +91,9 @@ def main():
         parser.error(f"--shapes {args.shapes!r} matches none of {list(SHAPES)}")
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; variants {list(variants)}", flush=True)
 
-    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shapes": {}}
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shapes": {},
+              "gpu_state": {"start": gpu_state()}}  # and after each shape: clocks, power
+    print(f"GPU at start: {result['gpu_state']['start']}", flush=True)
     for sname, (M, K, N, G, gemm, equal) in shapes.items():
         x, w, dy, gs = raw(M, K, N, G, seed=3, dtype=jnp.bfloat16)
         if equal:
@@ -131,6 +133,8 @@ def main():
             diff = f"  diff to first {diffs[n]:.1e}" if n in diffs else ""
             print(f"  {n:>12s} {median[n]:6.0f} ({median[n] / median['bf16']:.3f}x; best {best[n]:.0f}){diff}",
                   flush=True)
+        result["gpu_state"][f"after {sname}"] = gpu_state()
+        print(f"  GPU now: {result['gpu_state'][f'after {sname}']}", flush=True)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "ab_fp8_grouped.json"), "w") as f:
             json.dump(result, f, indent=1)

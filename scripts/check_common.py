@@ -1,12 +1,29 @@
-"""What the one-run GPU check scripts (scripts/check_*.py) share: timing a kernel call and
-reporting a failed compile compactly, so that one failing config does not stop the run."""
+"""What the one-run GPU check scripts (scripts/check_*.py, ab_fp8_grouped.py) share: timing kernel
+calls (alone, or interleaved round-robin), recording the GPU's clocks and power beside the timings,
+and reporting a failed compile compactly, so that one failing config does not stop the run."""
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import time
 import traceback
+
+
+GPU_FIELDS = "name,serial,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu"
+
+
+def gpu_state() -> str:
+    """One line per GPU of `nvidia-smi --query-gpu=GPU_FIELDS` (the machine and its clocks and power
+    now), or why there is none: the same GEMM has timed 589 and 729 TFLOP/s in two calls, so every
+    timing run records what it ran on, at its start and its end."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_FIELDS}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"nvidia-smi: {type(e).__name__}: {e}"
+    return (out.stdout if out.returncode == 0 else f"nvidia-smi exit {out.returncode}: {out.stderr}").strip()
 
 
 def short_error(e: BaseException) -> str:

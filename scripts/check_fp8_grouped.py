@@ -55,7 +55,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_common import fwd_bwd_ms, interleaved, ms_line, report, short_error  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import fwd_bwd_ms, gpu_state, interleaved, ms_line, report, short_error  # noqa: E402  (scripts/ is on sys.path when run)
 
 # name -> (M rows, K, N, G experts): each expert GEMM as [M, K] x [G, K, N].
 SHAPES = {
@@ -230,6 +230,8 @@ def main():
            "kernel_configs": {k.strip() or "default": repr(v) for k, v in configs.items()}, "checks": {}, "tflops": {},
            "layer_fwd_bwd_ms": {}, "errors": {}}
     print(f"{dev.device_kind}, jax {jax.__version__}, {getattr(dev, 'core_count', '?')} SMs")
+    res["gpu_state"] = {"start": gpu_state()}
+    print(f"GPU at start: {res['gpu_state']['start']}")
     failed = []
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "fp8_grouped.json")
@@ -403,6 +405,8 @@ def main():
         save()
         print(f"  fwd+bwd {sname} {M}x{K}x{N} / {G} (ms): " + ms_line(layer))
 
+    res["gpu_state"]["end"] = gpu_state()
+    print(f"GPU at end: {res['gpu_state']['end']}")
     save()
     report(res, failed)
     print(f"wrote {path}")

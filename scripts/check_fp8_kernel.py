@@ -34,7 +34,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check_common import fwd_bwd_ms, interleaved, ms_line, report, short_error  # noqa: E402  (scripts/ is on sys.path when run)
+from check_common import fwd_bwd_ms, gpu_state, interleaved, ms_line, report, short_error  # noqa: E402  (scripts/ is on sys.path when run)
 
 SHAPES = ((4096, 7168, 2048), (4096, 2048, 7168), (16384, 7168, 7168))  # M, K, N
 CHECK_SHAPE = (1024, 1536, 768)
@@ -95,6 +95,8 @@ def main():
            "configs": {k: f"{cfg!r}, sb_blocked={b}" for k, (cfg, b) in configs.items()},
            "checks": {}, "tflops": {}, "errors": {}}
     print(f"{dev.device_kind}, jax {jax.__version__}, {getattr(dev, 'core_count', '?')} SMs")
+    res["gpu_state"] = {"start": gpu_state()}
+    print(f"GPU at start: {res['gpu_state']['start']}")
     failed = []
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "fp8_kernel.json")
@@ -234,6 +236,8 @@ def main():
     res["layer_fwd_bwd_ms"] = {"shape": [M, Kd, N], **layer}
     print(f"  fwd+bwd {M}x{Kd}x{N} (ms): " + ms_line(layer))
 
+    res["gpu_state"]["end"] = gpu_state()
+    print(f"GPU at end: {res['gpu_state']['end']}")
     save()
     report(res, failed)
     print(f"wrote {path}")
