@@ -24,3 +24,28 @@ def test_plot_overlay_draws_runs_on_shared_steps(tmp_path):
     out = plot_overlay({"fp8=none": rows(1.0), "fp8=block": rows(1.002)}, "loss", str(tmp_path / "c.png"))
     assert out and (tmp_path / "c.png").stat().st_size > 1000
     assert plot_overlay({"a": [{"step": 1}]}, "loss", str(tmp_path / "none.png")) is None
+
+
+def test_interleaved_times_each_fn_in_turn_per_round():
+    """scripts/check_common.interleaved, what the FP8 check and A/B scripts time with: every fn runs
+    `calls` times per round, in the given order each round, and gets one time per round."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from check_common import gpu_state, interleaved
+
+    order = []
+
+    def fn(name):
+        def call(x):
+            order.append(name)
+            return x + 1
+        return call
+
+    x = jnp.zeros(())
+    times = interleaved({"a": (fn("a"), (x,)), "b": (fn("b"), (x,))}, rounds=3, calls=2, load_s=0.0)
+    assert set(times) == {"a", "b"} and all(len(t) == 3 and min(t) > 0 for t in times.values())
+    assert order == ["a", "a", "b", "b"] * 3
+    # no GPU here: the machine line says why instead of raising (on a GPU machine, nvidia-smi's CSV)
+    assert isinstance(gpu_state(), str) and gpu_state()
