@@ -7,12 +7,13 @@
     python scripts/ab_fp8_grouped.py --variants=a=dsjax/fp8/grouped_kernel.py --dense   # + dense ceilings
 
 A kernel change worth a few percent is lost in the drift between processes and calls (clocks, power,
-the GPU drawn): scripts/check_fp8_grouped.py times each kernel once, 5 x 3 calls, in a fixed order, and
-four of its runs in one call (2026-11-29) timed the same bf16 kernel at 498-544 TFLOP/s. Here every variant
-(`NAME=PATH[@SPEC]`: a copy of dsjax/fp8/grouped_kernel.py, loaded as its own module, with its
+the GPU drawn): four runs of scripts/check_fp8_grouped.py in one call (2026-11-29), one per code
+version, timed the same bf16 kernel at 498-544 TFLOP/s. Here code versions run in one process: every
+variant (`NAME=PATH[@SPEC]`: a copy of dsjax/fp8/grouped_kernel.py, loaded as its own module, with its
 M_GROUPED or the kernel.Config spec SPEC) and the bf16 grouped kernel (grouped_gemm.MGPU) run on
-the same operands, after 3 s of load, in rounds: each round times 20 back-to-back calls of each, and
-the figure is the median over 7 rounds (the best round beside it). Before timing, each variant's
+the same operands, after 3 s of load, in rounds (check_common.interleaved): each round times 20
+back-to-back calls of each, and the figure is the median over 7 rounds (the best round beside it).
+The GPU's clocks and power are recorded at the start and after each shape (check_common.gpu_state). Before timing, each variant's
 output is compared with the first's (relative Frobenius difference; bit-equal variants print 0).
 
 Shapes (--shapes: name prefixes, comma-separated; default all): DeepSeek-V3's expert GEMMs, 131,072
