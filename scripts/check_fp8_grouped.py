@@ -12,7 +12,10 @@
       path (`_m_grouped` / `_k_grouped`, backend xla_gpu) on the same quantized operands, with
       Dirichlet-uneven groups, one empty expert, and an unaligned shape (M, K, N padded inside);
     - gmm_block(..., "pallas_gpu") vs gmm_block(..., "xla_gpu"): y, dx, dw (f32 operands), and that
-      the compiled fwd+bwd HLO holds three Mosaic GPU custom calls.
+      the compiled fwd+bwd HLO holds three Mosaic GPU custom calls;
+    - at every timed shape (b), the M-grouped kernels' outputs on four of its groups (first, last,
+      largest, one between) vs dequantize-then-float32 products of those groups alone
+      (`sampled_groups_error`): faults that depend on size (offsets past 2^31) show only there.
 (b) Speed, TFLOP/s (2MKN / median time of back-to-back calls, every GEMM of a shape timed in turn
     per round: check_common.interleaved), bf16 outputs: the FP8 kernels on
     pre-quantized operands vs the bf16 Pallas grouped kernels (grouped_gemm.MGPU: forward,
@@ -110,6 +113,34 @@ def quantized(x, w, dy, gs):
     """The FP8 operands of the three GEMMs (fwd, dgrad: a, sa, b, sb; wgrad: a, sa, b, sb), laid out
     as gmm_block's custom_vjp builds them."""
     return _quantize_fn()(x, w, dy, gs)
+
+
+SAMPLED_GROUPS = 4
+
+
+def sampled_groups_error(y_MN, qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G) -> float:
+    """Relative Frobenius error of an M-grouped kernel's output on SAMPLED_GROUPS of its groups (the
+    first and last with rows, the largest, one between) against dequantize-then-float32 products of
+    those groups alone, rounded to y's dtype: grouped.py's XLA path would lower to one dense product
+    over every group on the GPU (G times the FLOPs), too slow at V3's 256 experts."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sizes = np.asarray(group_sizes_G)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    full = np.flatnonzero(sizes)
+    picks = sorted({int(full[0]), int(full[-1]), int(np.argmax(sizes)), int(full[len(full) // 2])})[:SAMPLED_GROUPS]
+    k = qa_MK.shape[1]
+    num = den = 0.0
+    for g in picks:
+        rows = slice(int(starts[g]), int(starts[g] + sizes[g]))
+        a = qa_MK[rows].astype(jnp.float32) * jnp.repeat(sa_MJ[rows], 128, axis=1)[:, :k]
+        b = qb_GNK[g].astype(jnp.float32) * jnp.repeat(sb_GJN[g].T, 128, axis=1)[:, :k]
+        want = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST).astype(y_MN.dtype).astype(jnp.float32)
+        num += float(jnp.sum(jnp.square(y_MN[rows].astype(jnp.float32) - want)))
+        den += float(jnp.sum(jnp.square(want)))
+    return (num / max(den, 1e-30)) ** 0.5
 
 
 @functools.cache
@@ -245,6 +276,9 @@ def main():
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
+    m_ref = jax.jit(lambda *a: GR._m_grouped(*a, ref_backend, jnp.float32))
+    k_ref = jax.jit(lambda *a: GR._k_grouped(*a, ref_backend, jnp.float32))
+
     def record(name, err):
         ok = err is not None and err < TOL
         res["checks"][name] = err
@@ -275,9 +309,7 @@ def main():
         print(f"  {cname} {M}x{K}x{N}, G={G}, group sizes {gs.tolist()}")
         fwd, dgrad, wgrad = quantized(x, w, dy, gs)
         gemms = {"forward": (fwd, True), "dgrad": (dgrad, True), "wgrad": (wgrad, False)}
-        m_ref = jax.jit(lambda *a: GR._m_grouped(*a, ref_backend, jnp.float32))
-        want = {"forward": m_ref(*fwd, gs), "dgrad": m_ref(*dgrad, gs),
-                "wgrad": jax.jit(lambda *a: GR._k_grouped(*a, ref_backend, jnp.float32))(*wgrad, gs)}
+        want = {"forward": m_ref(*fwd, gs), "dgrad": m_ref(*dgrad, gs), "wgrad": k_ref(*wgrad, gs)}
         for suffix, cfg in checked.items():
             # float32 output where its tile fits shared memory, and bf16 (vs the reference in bf16):
             # the M-grouped kernel stores whole warpgroup slices from a second, swizzled buffer where
@@ -346,14 +378,23 @@ def main():
 
     for sname, (M, K, N, G) in shapes.items():
         fns = {}
-
-        def bench(col, fn, *a):  # compiled now (a failure is recorded, not fatal), timed below
-            if guarded(f"{col} {sname}", lambda: jax.block_until_ready(fn(*a))) is not None:
-                fns[col] = (fn, a)
-
         x, w, dy, gs = raw(M, K, N, G, seed=3, dtype=jnp.bfloat16, alpha=args.alpha)
         fwd, dgrad, wgrad = jax.block_until_ready(quantized(x, w, dy, gs))
         tiles = jax.block_until_ready(tile_args(gs))
+
+        def bench(col, fn, *a):
+            """Compiled and run now (a failure is recorded, not fatal), timed below. The M-grouped
+            FP8 kernels' outputs are also checked at this, the timed, shape, on a few of its groups
+            (`sampled_groups_error`): the checks above run small shapes only, and a fault may depend
+            on size (offsets past 2^31; V3's expert weights are 3.8e9 bytes)."""
+            y = guarded(f"{col} {sname}", lambda: jax.block_until_ready(fn(*a)))
+            if y is None:
+                return
+            fns[col] = (fn, a)
+            if col.startswith(("fwd fp8", "dgrad fp8")):
+                err = guarded(f"{col} {sname} groups check", lambda: sampled_groups_error(y, *a))
+                record(f"{col} {sname} (timed shape, {SAMPLED_GROUPS} groups)", err)
+
         bench("dense bf16", jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), x, w[0])
         if bf16_kernels:
             bench("fwd bf16", jax.jit(grouped_gemm.MGPU.forward), x, w, gs)
