@@ -141,6 +141,23 @@ def test_pallas_gpu_off_gpu_raises_clear_error():
         assert "dsjax.fp8.grouped_kernel" not in sys.modules  # CPU paths never import Mosaic GPU
 
 
+def test_sampled_groups_check_of_the_gpu_script_can_fail():
+    """scripts/check_fp8_grouped.py's check of the M-grouped kernels at the timed shapes
+    (`sampled_groups_error`, per-group dequantized products) against the reference path's output:
+    ~0 for it, and large once one sampled group's rows are wrong (the last group's, where offsets
+    are largest)."""
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from check_fp8_grouped import TOL, sampled_groups_error
+
+    for args in _quantized(200, 136, (300, 0, 5, 160), 465)[:2]:  # forward and dgrad operands
+        y = grouped._m_grouped(*args, "xla_cpu", jnp.bfloat16)
+        assert sampled_groups_error(y, *args) < TOL  # the script's pass bound (measured: 1e-6, 4e-5)
+        last = slice(305, 465)
+        assert sampled_groups_error(y.at[last].multiply(1.5), *args) > 0.1
+
+
 # ---- kernels, in Pallas's Mosaic GPU interpreter -------------------------------------------------
 
 def _quantized(K, N, sizes, M, seed=0):
