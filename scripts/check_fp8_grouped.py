@@ -13,9 +13,10 @@
       Dirichlet-uneven groups, one empty expert, and an unaligned shape (M, K, N padded inside);
     - gmm_block(..., "pallas_gpu") vs gmm_block(..., "xla_gpu"): y, dx, dw (f32 operands), and that
       the compiled fwd+bwd HLO holds three Mosaic GPU custom calls;
-    - at every timed shape (b), the M-grouped kernels' outputs on four of its groups (first, last,
+    - at every timed shape (b), every FP8 kernel's output on four of its groups (first, last,
       largest, one between) vs dequantize-then-float32 products of those groups alone
-      (`sampled_groups_error`): faults that depend on size (offsets past 2^31) show only there.
+      (`sampled_groups_error`, `sampled_wgrad_error`): faults that depend on size (offsets past
+      2^31) show only there.
 (b) Speed, TFLOP/s (2MKN / median time of back-to-back calls, every GEMM of a shape timed in turn
     per round: check_common.interleaved), bf16 outputs: the FP8 kernels on
     pre-quantized operands vs the bf16 Pallas grouped kernels (grouped_gemm.MGPU: forward,
@@ -129,16 +130,44 @@ def sampled_groups_error(y_MN, qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G) -> f
 
     sizes = np.asarray(group_sizes_G)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    full = np.flatnonzero(sizes)
-    picks = sorted({int(full[0]), int(full[-1]), int(np.argmax(sizes)), int(full[len(full) // 2])})[:SAMPLED_GROUPS]
     k = qa_MK.shape[1]
     num = den = 0.0
-    for g in picks:
+    for g in _sampled(sizes):
         rows = slice(int(starts[g]), int(starts[g] + sizes[g]))
         a = qa_MK[rows].astype(jnp.float32) * jnp.repeat(sa_MJ[rows], 128, axis=1)[:, :k]
         b = qb_GNK[g].astype(jnp.float32) * jnp.repeat(sb_GJN[g].T, 128, axis=1)[:, :k]
         want = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST).astype(y_MN.dtype).astype(jnp.float32)
         num += float(jnp.sum(jnp.square(y_MN[rows].astype(jnp.float32) - want)))
+        den += float(jnp.sum(jnp.square(want)))
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def _sampled(counts) -> list[int]:
+    """Up to SAMPLED_GROUPS groups with work: the first and last, the largest, one between."""
+    import numpy as np
+
+    counts = np.asarray(counts)
+    full = np.flatnonzero(counts)
+    picks = {int(full[0]), int(full[-1]), int(np.argmax(counts)), int(full[len(full) // 2])}
+    return sorted(picks)[:SAMPLED_GROUPS]
+
+
+def sampled_wgrad_error(dw_GKN, qa_KP, sa_KT, qb_NP, sb_NT, tile_start_G, tiles_G) -> float:
+    """The K-grouped (wgrad) kernel's `sampled_groups_error`: dw[g] on a few groups against the
+    dequantize-then-float32 product of that group's 128-row tiles alone."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    start, count = np.asarray(tile_start_G), np.asarray(tiles_G)
+    num = den = 0.0
+    for g in _sampled(count):
+        tiles = slice(int(start[g]), int(start[g] + count[g]))
+        cols = slice(tiles.start * 128, tiles.stop * 128)
+        a = qa_KP[:, cols].astype(jnp.float32) * jnp.repeat(sa_KT[:, tiles], 128, axis=1)
+        b = qb_NP[:, cols].astype(jnp.float32) * jnp.repeat(sb_NT[:, tiles], 128, axis=1)
+        want = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST).astype(dw_GKN.dtype).astype(jnp.float32)
+        num += float(jnp.sum(jnp.square(dw_GKN[g].astype(jnp.float32) - want)))
         den += float(jnp.sum(jnp.square(want)))
     return (num / max(den, 1e-30)) ** 0.5
 
@@ -383,16 +412,17 @@ def main():
         tiles = jax.block_until_ready(tile_args(gs))
 
         def bench(col, fn, *a):
-            """Compiled and run now (a failure is recorded, not fatal), timed below. The M-grouped
-            FP8 kernels' outputs are also checked at this, the timed, shape, on a few of its groups
-            (`sampled_groups_error`): the checks above run small shapes only, and a fault may depend
-            on size (offsets past 2^31; V3's expert weights are 3.8e9 bytes)."""
+            """Compiled and run now (a failure is recorded, not fatal), timed below. The FP8 kernels'
+            outputs are also checked at this, the timed, shape, on a few of its groups
+            (`sampled_groups_error`, `sampled_wgrad_error`): the checks above run small shapes only,
+            and a fault may depend on size (offsets past 2^31; V3's expert weights are 3.8e9 bytes)."""
             y = guarded(f"{col} {sname}", lambda: jax.block_until_ready(fn(*a)))
             if y is None:
                 return
             fns[col] = (fn, a)
-            if col.startswith(("fwd fp8", "dgrad fp8")):
-                err = guarded(f"{col} {sname} groups check", lambda: sampled_groups_error(y, *a))
+            if col.startswith(("fwd fp8", "dgrad fp8", "wgrad fp8")):
+                check = sampled_wgrad_error if col.startswith("wgrad") else sampled_groups_error
+                err = guarded(f"{col} {sname} groups check", lambda: check(y, *a))
                 record(f"{col} {sname} (timed shape, {SAMPLED_GROUPS} groups)", err)
 
         bench("dense bf16", jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), x, w[0])

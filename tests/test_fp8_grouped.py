@@ -142,20 +142,26 @@ def test_pallas_gpu_off_gpu_raises_clear_error():
 
 
 def test_sampled_groups_check_of_the_gpu_script_can_fail():
-    """scripts/check_fp8_grouped.py's check of the M-grouped kernels at the timed shapes
-    (`sampled_groups_error`, per-group dequantized products) against the reference path's output:
-    ~0 for it, and large once one sampled group's rows are wrong (the last group's, where offsets
-    are largest)."""
+    """scripts/check_fp8_grouped.py's checks of the kernels at the timed shapes (per-group
+    dequantized products: `sampled_groups_error` for forward and dgrad, `sampled_wgrad_error` for
+    wgrad) against the reference path's outputs: ~0 for them, and large once one sampled group is
+    wrong (the last group, where offsets are largest)."""
     import os
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from check_fp8_grouped import TOL, sampled_groups_error
+    from check_fp8_grouped import TOL, sampled_groups_error, sampled_wgrad_error
 
-    for args in _quantized(200, 136, (300, 0, 5, 160), 465)[:2]:  # forward and dgrad operands
+    fwd, dgrad, wgrad = _quantized(200, 136, (300, 0, 5, 160), 465)
+    for args in (fwd, dgrad):
         y = grouped._m_grouped(*args, "xla_cpu", jnp.bfloat16)
         assert sampled_groups_error(y, *args) < TOL  # the script's pass bound (measured: 1e-6, 4e-5)
         last = slice(305, 465)
         assert sampled_groups_error(y.at[last].multiply(1.5), *args) > 0.1
+    qa, sa, qb, sb, gs = wgrad
+    dw = grouped._k_grouped(qa, sa, qb, sb, gs, "xla_cpu", jnp.float32)
+    _, tile_start, tiles = grouped.group_tiles(gs, 0)
+    assert sampled_wgrad_error(dw, qa, sa, qb, sb, tile_start, tiles) < TOL
+    assert sampled_wgrad_error(dw.at[3].multiply(1.5), qa, sa, qb, sb, tile_start, tiles) > 0.1
 
 
 # ---- kernels, in Pallas's Mosaic GPU interpreter -------------------------------------------------
