@@ -124,22 +124,16 @@ def sampled_groups_error(y_MN, qa_MK, sa_MJ, qb_GNK, sb_GJN, group_sizes_G) -> f
     first and last with rows, the largest, one between) against dequantize-then-float32 products of
     those groups alone, rounded to y's dtype: grouped.py's XLA path would lower to one dense product
     over every group on the GPU (G times the FLOPs), too slow at V3's 256 experts."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     sizes = np.asarray(group_sizes_G)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    k = qa_MK.shape[1]
-    num = den = 0.0
+    pairs = []
     for g in _sampled(sizes):
         rows = slice(int(starts[g]), int(starts[g] + sizes[g]))
-        a = qa_MK[rows].astype(jnp.float32) * jnp.repeat(sa_MJ[rows], 128, axis=1)[:, :k]
-        b = qb_GNK[g].astype(jnp.float32) * jnp.repeat(sb_GJN[g].T, 128, axis=1)[:, :k]
-        want = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST).astype(y_MN.dtype).astype(jnp.float32)
-        num += float(jnp.sum(jnp.square(y_MN[rows].astype(jnp.float32) - want)))
-        den += float(jnp.sum(jnp.square(want)))
-    return (num / max(den, 1e-30)) ** 0.5
+        # sb is per chunk and column, i.e. per 128-K chunk of each row of b [N, K]
+        pairs.append((y_MN[rows], (qa_MK[rows], sa_MJ[rows]), (qb_GNK[g], sb_GJN[g].T)))
+    return _products_error(pairs)
 
 
 def _sampled(counts) -> list[int]:
@@ -155,19 +149,31 @@ def _sampled(counts) -> list[int]:
 def sampled_wgrad_error(dw_GKN, qa_KP, sa_KT, qb_NP, sb_NT, tile_start_G, tiles_G) -> float:
     """The K-grouped (wgrad) kernel's `sampled_groups_error`: dw[g] on a few groups against the
     dequantize-then-float32 product of that group's 128-row tiles alone."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     start, count = np.asarray(tile_start_G), np.asarray(tiles_G)
-    num = den = 0.0
+    pairs = []
     for g in _sampled(count):
         tiles = slice(int(start[g]), int(start[g] + count[g]))
         cols = slice(tiles.start * 128, tiles.stop * 128)
-        a = qa_KP[:, cols].astype(jnp.float32) * jnp.repeat(sa_KT[:, tiles], 128, axis=1)
-        b = qb_NP[:, cols].astype(jnp.float32) * jnp.repeat(sb_NT[:, tiles], 128, axis=1)
-        want = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST).astype(dw_GKN.dtype).astype(jnp.float32)
-        num += float(jnp.sum(jnp.square(dw_GKN[g].astype(jnp.float32) - want)))
+        pairs.append((dw_GKN[g], (qa_KP[:, cols], sa_KT[:, tiles]), (qb_NP[:, cols], sb_NT[:, tiles])))
+    return _products_error(pairs)
+
+
+def _products_error(pairs) -> float:
+    """Relative Frobenius error over [(got [R, C], (qa [R, K], sa), (qb [C, K], sb))] of got against
+    dequantize_blocks(qa) @ dequantize_blocks(qb)^T (1x128 tiles along K) in float32, rounded to
+    got's dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsjax.fp8.quantize import dequantize_blocks
+
+    num = den = 0.0
+    for got, (qa, sa), (qb, sb) in pairs:
+        a, b = dequantize_blocks(qa, sa, (1, 128)), dequantize_blocks(qb, sb, (1, 128))
+        want = jnp.dot(a, b.T, precision=jax.lax.Precision.HIGHEST).astype(got.dtype).astype(jnp.float32)
+        num += float(jnp.sum(jnp.square(got.astype(jnp.float32) - want)))
         den += float(jnp.sum(jnp.square(want)))
     return (num / max(den, 1e-30)) ** 0.5
 

@@ -1,7 +1,11 @@
-"""Test setup: 8 fake CPU devices and a per-run persistent compilation cache, before jax imports."""
+"""Test setup: 8 fake CPU devices and a per-run persistent compilation cache, before jax imports;
+scripts/ importable (last on the path) for the tests of the GPU scripts' helpers."""
 
 import os
+import sys
 import tempfile
+
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -29,11 +29,7 @@ def test_plot_overlay_draws_runs_on_shared_steps(tmp_path):
 def test_interleaved_times_each_fn_in_turn_per_round():
     """scripts/check_common.interleaved, what the FP8 check and A/B scripts time with: every fn runs
     `calls` times per round, in the given order each round, and gets one time per round."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from check_common import gpu_state, interleaved
+    from check_common import gpu_state, interleaved  # scripts/ is on the path (conftest.py)
 
     order = []
 

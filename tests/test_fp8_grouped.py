@@ -146,10 +146,7 @@ def test_sampled_groups_check_of_the_gpu_script_can_fail():
     dequantized products: `sampled_groups_error` for forward and dgrad, `sampled_wgrad_error` for
     wgrad) against the reference path's outputs: ~0 for them, and large once one sampled group is
     wrong (the last group, where offsets are largest)."""
-    import os
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from check_fp8_grouped import TOL, sampled_groups_error, sampled_wgrad_error
+    from check_fp8_grouped import TOL, sampled_groups_error, sampled_wgrad_error  # scripts/ is on the path (conftest.py)
 
     fwd, dgrad, wgrad = _quantized(200, 136, (300, 0, 5, 160), 465)
     for args in (fwd, dgrad):
