@@ -14,7 +14,8 @@ M_GROUPED or the kernel.Config spec SPEC) and the bf16 grouped kernel (grouped_g
 the same operands, after 3 s of load, in rounds (check_common.interleaved): each round times 20
 back-to-back calls of each, and the figure is the median over 7 rounds (the best round beside it).
 The GPU's clocks and power are recorded at the start and after each shape (check_common.gpu_state). Before timing, each variant's
-output is compared with the first's (relative Frobenius difference; bit-equal variants print 0).
+output is compared with the first's (relative Frobenius difference; bit-equal variants print 0) and
+with dequantized per-group products on four groups (check_fp8_grouped.sampled_groups_error).
 
 Shapes (--shapes: name prefixes, comma-separated; default all): DeepSeek-V3's expert GEMMs, 131,072
 rows over 256 experts, bf16 outputs, as check_fp8_grouped.py builds them — the down forward (K = 2048,
@@ -39,7 +40,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from check_common import gpu_state, interleaved  # noqa: E402  (scripts/ is on sys.path when run)
-from check_fp8_grouped import quantized, raw  # noqa: E402
+from check_fp8_grouped import quantized, raw, sampled_groups_error  # noqa: E402
 
 # name -> (M rows, K, N, G experts, GEMM, equal loads)
 SHAPES = {
@@ -116,10 +117,11 @@ def main():
         for name, (module, cfg) in variants.items():
             fns[name] = (jax.jit(functools.partial(module.m_grouped_matmul, out_dtype=jnp.bfloat16, config=cfg,
                                                    sb_blocked=True)), fp8_args)
-        first, diffs = None, {}
-        for name, (fn, operands) in fns.items():  # compile, and the outputs against the first variant's
-            y = jax.block_until_ready(fn(*operands))
+        first, diffs, errors = None, {}, {}
+        for name, (fn, operands) in fns.items():  # compile; each variant's output against the first's
+            y = jax.block_until_ready(fn(*operands))  # and against per-group products on 4 groups
             if name in variants:
+                errors[name] = sampled_groups_error(y, *fp8_args)
                 y = y.astype(jnp.float32)
                 first = y if first is None else first
                 diffs[name] = float(jnp.linalg.norm(y - first) / jnp.linalg.norm(first))
@@ -128,10 +130,10 @@ def main():
         median = {n: flops / statistics.median(t) / 1e12 for n, t in times.items()}
         best = {n: flops / min(t) / 1e12 for n, t in times.items()}
         result["shapes"][sname] = {"shape": [M, K, N, G], "tflops_median": median, "tflops_best": best,
-                                   "rel_diff_to_first": diffs}
+                                   "rel_diff_to_first": diffs, "rel_error_on_sampled_groups": errors}
         print(f"{sname} ({M} x {K} x {N} / {G}), TFLOP/s median (ratio to bf16; best round):", flush=True)
         for n in fns:
-            diff = f"  diff to first {diffs[n]:.1e}" if n in diffs else ""
+            diff = f"  diff to first {diffs[n]:.1e}, error {errors[n]:.1e}" if n in diffs else ""
             print(f"  {n:>12s} {median[n]:6.0f} ({median[n] / median['bf16']:.3f}x; best {best[n]:.0f}){diff}",
                   flush=True)
         result["gpu_state"][f"after {sname}"] = gpu_state()
